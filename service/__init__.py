@@ -1,0 +1,1 @@
+"""crossvit-serve: the HTTP service around the CrossViT model."""
