@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+import struct
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "file_sha256", "load_checkpoint", "read_state_dict"]
+__all__ = ["CheckpointError", "check_checkpoint", "file_sha256", "load_checkpoint", "read_state_dict"]
 
 # Official release: ParameterList tokens `pos_embed.0`; timm: attributes `pos_embed_0` (timm's
 # pretrained_filter_fn does the same `.` -> `_` mapping).
@@ -63,7 +64,7 @@ def _read_raw(path: Path) -> Any:
                 f"({reason}); only plain tensor checkpoints are loaded"
             ) from exc
         raise CheckpointError(f"{path.name}: not a readable checkpoint ({reason})") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, struct.error) as exc:
         raise CheckpointError(f"{path.name}: not a readable checkpoint ({exc})") from exc
 
 
@@ -127,4 +128,14 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> str:
     state = read_state_dict(path)
     _check_fit(model, state, path.name)
     model.load_state_dict(state, strict=True)
+    return file_sha256(path)
+
+
+def check_checkpoint(model: nn.Module, path: str | Path) -> str:
+    """Everything `load_checkpoint` checks, without loading: `model` may live on the meta device.
+
+    Lets a process that never runs the model (the service's front end) refuse a bad file early.
+    """
+    path = Path(path)
+    _check_fit(model, read_state_dict(path), path.name)
     return file_sha256(path)

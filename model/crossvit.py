@@ -55,7 +55,8 @@ class CrossViT(nn.Module):
         # Stochastic depth: linspace over sum(b1 + fusion) entries; stage k takes the next
         # max(b0, b1) + fusion of them (spec §c8, as timm and IBM).
         # A stage with more branch-0 than branch-1 blocks runs past the table; it repeats the last rate.
-        rates = torch.linspace(0, c.drop_path_rate, sum(d[1] + d[2] for d in c.depth)).tolist()
+        total = sum(d[1] + d[2] for d in c.depth)  # >= 1: branch-1 depths are positive
+        rates = [c.drop_path_rate * i / max(1, total - 1) for i in range(total)]  # linspace, device-free
         start = 0
         blocks = []
         for triple in c.depth:

@@ -1,0 +1,123 @@
+"""`crossvit-serve`: flags -> Settings -> logging (once) -> uvicorn, with a draining SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+from pydantic import ValidationError
+
+from .app import WORKER_STOP_TIMEOUT_S, create_app
+from .engine import Engine
+from .logs import configure_logging
+from .settings import ENV_PREFIX, Settings, describe_validation_error
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+# Flags for the main settings; every setting is also a CROSSVIT_* environment variable.
+_FLAGS: dict[str, dict[str, object]] = {
+    "model": {"help": "variant, e.g. crossvit_18_dagger_240"},
+    "weights": {"help": "checkpoint file or directory"},
+    "device": {"help": "auto, cpu, cuda or cuda:N"},
+    "precision": {"help": "auto, fp32, bf16 or fp16"},
+    "workers": {"help": "worker processes per device, or auto"},
+    "max_batch_size": {"type": int},
+    "max_batch_delay_ms": {"type": float},
+    "max_queue": {"type": int},
+    "host": {},
+    "port": {"type": int},
+    "log_level": {},
+    "log_format": {"help": "json or text"},
+}
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: readiness flips to 503 and new work is refused while the listener stays
+    open, accepted requests finish, then uvicorn shuts down. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_timeout_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        engine: Engine | None = getattr(self._app.state, "engine", None)
+        if self._drain_task is not None or engine is None:
+            super().handle_exit(sig, frame)
+            return
+        logger.info("shutdown signal: draining", extra={"signal": sig, "timeout_s": self._shutdown_timeout_s})
+        engine.begin_drain()
+        loop = asyncio.get_running_loop()  # signal handlers run on the loop's (main) thread
+        self._drain_task = loop.create_task(self._drain(engine))
+        loop.call_soon_threadsafe(lambda: None)  # wake the loop's select for the new task
+
+    async def _drain(self, engine: Engine) -> None:
+        started = time.monotonic()
+        # leave time for uvicorn to close connections and for the workers to stop
+        budget = max(0.5, self._shutdown_timeout_s - WORKER_STOP_TIMEOUT_S - 1.0)
+        finished = await engine.wait_idle(budget)
+        logger.info("drained" if finished else "drain timed out; stopping anyway",
+                    extra={"drain_s": round(time.monotonic() - started, 3)})
+        self.should_exit = True
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossvit-serve",
+        description=f"Serve CrossViT over HTTP. Every setting is also an environment variable {ENV_PREFIX}<NAME>.",
+    )
+    for name, options in _FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **options)  # type: ignore[arg-type]
+    parser.add_argument("--allow-random-weights", action="store_true", default=None)
+    return parser
+
+
+def _warn_unknown_env(settings_fields: set[str]) -> None:
+    # Not fatal: Kubernetes injects <SERVICE>_PORT-style variables that may share the prefix.
+    unknown = sorted(
+        k for k in os.environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in settings_fields
+    )
+    if unknown:
+        logger.warning("ignoring environment variables that are not settings", extra={"names": unknown})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        sys.stderr.write(describe_validation_error(exc) + "\n")
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    _warn_unknown_env(set(Settings.model_fields))
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # logging is ours (configure_logging)
+        access_log=False,  # the app writes one access line per request
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),
+    )
+    server = DrainingServer(config, app, settings.shutdown_timeout_s)
+    server.run()
+    if not server.started:
+        logger.error("the service did not start; see the errors above")
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

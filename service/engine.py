@@ -1,0 +1,311 @@
+"""The async boundary the routes call: admission, preprocessing, deadlines, branch mean, top-k.
+
+Routes hand over image bytes and a deadline and get predictions back; everything between
+(thread pool, queue, batcher, worker processes) lives behind `Engine.classify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .batcher import Batcher, Pending, WorkerOutput
+from .errors import DeadlineExceededError, NotReadyError, OverloadedError
+from .metrics import Metrics
+from .preprocess import InputSpec, Preprocessed, preprocess
+from .replica import ReplicaSpec
+from .workers import WorkerPool
+
+__all__ = ["Classification", "Engine", "EngineConfig", "ImageResult", "Prediction"]
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 30
+
+
+@dataclass(frozen=True)
+class Prediction:
+    class_id: int
+    label: str
+    logit: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    index: int
+    width: int
+    height: int
+    predictions: list[Prediction]
+    branches: list[list[Prediction]] | None  # per-branch top-k when asked for
+
+
+@dataclass(frozen=True)
+class Classification:
+    results: list[ImageResult]
+    timing_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine needs from the settings, as plain values."""
+
+    input_spec: InputSpec
+    labels: Sequence[str]
+    replicas: list[ReplicaSpec]
+    max_batch_size: int
+    max_batch_delay_ms: float
+    max_queue: int
+    max_image_pixels: int
+    preprocess_threads: int
+    cpu_budget: int | None  # cores CPU workers share dynamically; None: fixed threads per worker
+
+
+class DrainRate:
+    """Images completed per second over a recent window: the basis of Retry-After."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self._window_s = window_s
+        self._events: deque[tuple[float, int]] = deque()
+
+    def record(self, images: int) -> None:
+        now = time.monotonic()
+        self._events.append((now, images))
+        while self._events and self._events[0][0] < now - self._window_s:
+            self._events.popleft()
+
+    def per_second(self) -> float | None:
+        if len(self._events) < 2:
+            return None
+        span = max(time.monotonic() - self._events[0][0], 1e-3)
+        return sum(n for _, n in self._events) / span
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, metrics: Metrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._labels = config.labels
+        self._rate = DrainRate()
+        self._reserved = 0  # admitted images still being preprocessed
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+        self._executor = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
+        self._pool = WorkerPool(
+            config.replicas,
+            branch_sizes=config.input_spec.branch_sizes,
+            num_classes=len(config.labels),
+            metrics=metrics,
+            wake=lambda: self._batcher.wake(),
+            requeue=lambda items: self._batcher.queue.put_front(items),
+            on_done=self._rate.record,
+            cpu_budget=config.cpu_budget,
+        )
+        self._batcher = Batcher(
+            self._pool, max_batch_size=config.max_batch_size, max_batch_delay_s=config.max_batch_delay_ms / 1000
+        )
+        self._batcher_task: asyncio.Task[None] | None = None
+        metrics.queue_depth.set_function(lambda: len(self._batcher.queue))
+        metrics.in_flight.set_function(lambda: self._in_flight)
+        metrics.workers_ready.set_function(lambda: self._pool.ready_count)
+
+    @classmethod
+    @asynccontextmanager
+    async def start(cls, config: EngineConfig, metrics: Metrics, *, stop_timeout_s: float) -> AsyncIterator[Engine]:
+        """Spawn the workers (they warm up in the background) and run the batcher; stop both on exit."""
+        engine = cls(config, metrics)
+        engine._pool.start()
+        engine._batcher_task = asyncio.create_task(engine._batcher.run(), name="batcher")
+        try:
+            yield engine
+        finally:
+            await engine._close(stop_timeout_s)
+
+    async def _close(self, timeout_s: float) -> None:
+        if self._batcher_task is not None:
+            self._batcher_task.cancel()
+            try:
+                await self._batcher_task
+            except asyncio.CancelledError:
+                pass
+        await self._pool.stop(timeout_s)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- state ---------------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        if self._draining:
+            return False, "draining: the server is shutting down"
+        ready = self._pool.ready_count
+        if ready == 0:
+            states = [w["state"] for w in self._pool.describe()]
+            return False, f"no worker can take work yet ({', '.join(states)})"
+        return True, f"{ready} worker(s) ready"
+
+    def describe(self) -> dict[str, Any]:
+        workers = self._pool.describe()
+        return {
+            "workers": workers,
+            "devices": sorted({w["device"] for w in workers}),
+            "batching": {
+                "max_batch_size": self._config.max_batch_size,
+                "max_batch_delay_ms": self._config.max_batch_delay_ms,
+                "max_queue_images": self._config.max_queue,
+                "queued_images": len(self._batcher.queue),
+            },
+        }
+
+    def begin_drain(self) -> None:
+        """Refuse new work from now on; what was accepted still completes."""
+        self._draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # -- classify ------------------------------------------------------------------------------
+    def _retry_after(self, images: int) -> str:
+        rate = self._rate.per_second()
+        waiting = len(self._batcher.queue) + self._reserved + images
+        seconds = math.ceil(waiting / rate) if rate else RETRY_AFTER_MIN_S
+        return str(min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, seconds)))
+
+    @contextmanager
+    def _admitted(self, images: int) -> Iterator[None]:
+        if self._draining:
+            self._metrics.rejected.labels("draining").inc()
+            raise NotReadyError("the server is shutting down", code="shutting_down", headers={"Retry-After": "1"})
+        if not self._pool.serving_soon():  # still starting; a crashed worker's restart does not count
+            self._metrics.rejected.labels("not_ready").inc()
+            raise NotReadyError("no worker is ready yet", headers={"Retry-After": self._retry_after(images)})
+        if len(self._batcher.queue) + self._reserved + images > self._config.max_queue:
+            self._metrics.rejected.labels("overloaded").inc()
+            raise OverloadedError(
+                f"the queue is full ({self._config.max_queue} images); retry later",
+                headers={"Retry-After": self._retry_after(images)},
+            )
+        self._reserved += images
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def classify(
+        self, images: Sequence[bytes], *, top_k: int, branches: bool, deadline: float
+    ) -> Classification:
+        """Classify every image or fail as a whole, naming the first bad image."""
+        started = time.monotonic()
+        timing: dict[str, float] = {}
+
+        def expired(stage: str) -> DeadlineExceededError:
+            self._metrics.rejected.labels("deadline").inc()
+            timing["total"] = _ms(time.monotonic() - started)
+            return DeadlineExceededError(
+                f"the request deadline passed during {stage}", extra={"timing_ms": dict(timing)}
+            )
+
+        with self._admitted(len(images)):
+            reserved = len(images)
+            try:
+                try:
+                    prepared = await asyncio.wait_for(self._preprocess(images), deadline - time.monotonic())
+                except asyncio.TimeoutError:
+                    raise expired("preprocessing") from None
+                finally:
+                    timing["decode"] = _ms(time.monotonic() - started)
+                loop = asyncio.get_running_loop()
+                pending = [Pending(p.branches, loop.create_future()) for p in prepared]
+                self._reserved -= reserved
+                reserved = 0
+                self._batcher.queue.put(pending)
+                outputs = await self._await_outputs(pending, deadline, expired)
+            finally:
+                self._reserved -= reserved
+        timing["queue"] = _ms(max(o.queue_s for o in outputs))
+        timing["inference"] = _ms(max(o.inference_s for o in outputs))
+        results = self._results(prepared, outputs, top_k, branches)
+        self._metrics.images.inc(len(images))
+        timing["total"] = _ms(time.monotonic() - started)
+        return Classification(results, timing)
+
+    async def _preprocess(self, images: Sequence[bytes]) -> list[Preprocessed]:
+        loop = asyncio.get_running_loop()
+        spec, max_pixels = self._config.input_spec, self._config.max_image_pixels
+
+        def run(index: int, data: bytes) -> Preprocessed:
+            begun = time.perf_counter()
+            try:
+                return preprocess(data, spec, max_pixels=max_pixels, index=index)
+            finally:
+                self._metrics.preprocess.observe(time.perf_counter() - begun)
+
+        jobs = [loop.run_in_executor(self._executor, functools.partial(run, i, data)) for i, data in enumerate(images)]
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        for outcome in outcomes:  # the first bad image, by index, fails the request
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return [o for o in outcomes if isinstance(o, Preprocessed)]
+
+    async def _await_outputs(
+        self, pending: list[Pending], deadline: float, expired: Callable[[str], DeadlineExceededError]
+    ) -> list[WorkerOutput]:
+        futures = [p.future for p in pending]
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*futures), deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise expired("queueing or inference") from None
+        finally:
+            for future in futures:  # on any failure or cancellation, nothing stays queued
+                future.cancel()
+
+    def _top(self, logits: torch.Tensor, top_k: int) -> list[list[Prediction]]:
+        probabilities = logits.softmax(dim=-1)
+        values, indices = logits.topk(top_k, dim=-1)  # sorted by logit, descending
+        return [
+            [
+                Prediction(int(c), self._labels[int(c)], float(v), float(probabilities[row, c]))
+                for v, c in zip(values[row].tolist(), indices[row].tolist(), strict=True)
+            ]
+            for row in range(logits.shape[0])
+        ]
+
+    def _results(
+        self, prepared: list[Preprocessed], outputs: list[WorkerOutput], top_k: int, branches: bool
+    ) -> list[ImageResult]:
+        logits = torch.stack([o.logits for o in outputs])  # (n, 2, C)
+        mean = self._top(logits.mean(dim=1), top_k)  # the model's output: mean over branches
+        per_branch = [self._top(logits[:, b], top_k) for b in range(2)] if branches else None
+        return [
+            ImageResult(
+                index=i,
+                width=p.width,
+                height=p.height,
+                predictions=mean[i],
+                branches=[per_branch[0][i], per_branch[1][i]] if per_branch else None,
+            )
+            for i, p in enumerate(prepared)
+        ]
+

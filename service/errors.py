@@ -1,0 +1,178 @@
+"""The errors a client may see, and the only place exceptions become HTTP responses.
+
+Every error body is `{"error": {"code": ..., "message": ..., "index": ...}}` (docs/api.md);
+codes are stable snake_case and each subclass fixes its status and code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+__all__ = [
+    "BadRequestError",
+    "DeadlineExceededError",
+    "ImageTooLargeError",
+    "InvalidImageError",
+    "InvalidParameterError",
+    "NotReadyError",
+    "OverloadedError",
+    "PayloadTooLargeError",
+    "ServiceError",
+    "UnauthorizedError",
+    "UnsupportedMediaTypeError",
+    "WorkerFailedError",
+    "error_body",
+    "install",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of every error a client may see; subclasses fix the status and the stable code."""
+
+    status: ClassVar[int] = 500
+    code: str = "internal_error"  # class default; an instance may narrow it
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        index: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        code: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.index = index
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+        if code is not None:
+            self.code = code  # a more specific code within the same status
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments: rebuild explicitly so errors survive a process pool.
+        return (_rebuild, (type(self), self.message, self.index, self.headers, self.code, self.extra))
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.code, self.message, self.index, **self.extra)
+
+
+def _rebuild(
+    cls: type[ServiceError], message: str, index: int | None, headers: dict[str, str], code: str,
+    extra: dict[str, Any],
+) -> ServiceError:
+    return cls(message, index=index, headers=headers, code=code, extra=extra)
+
+
+class BadRequestError(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class UnauthorizedError(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class PayloadTooLargeError(ServiceError):
+    status, code = 413, "payload_too_large"
+
+
+class ImageTooLargeError(PayloadTooLargeError):
+    code = "image_too_large"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidParameterError(ServiceError):
+    status, code = 422, "invalid_parameter"
+
+
+class InvalidImageError(ServiceError):
+    status, code = 422, "invalid_image"
+
+
+class OverloadedError(ServiceError):
+    status, code = 503, "overloaded"
+
+
+class NotReadyError(ServiceError):
+    status, code = 503, "not_ready"
+
+
+class WorkerFailedError(ServiceError):
+    """A worker died while holding the request's images, and the one retry was spent too."""
+
+    status, code = 503, "worker_failed"
+
+
+class DeadlineExceededError(ServiceError):
+    status, code = 504, "deadline_exceeded"
+
+
+def error_body(code: str, message: str, index: int | None = None, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "index": index, **extra}}
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    request.state.error_code = exc.code
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    request.state.error_code = code
+    message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "header", "path"))
+        problems.append(f"{where}: {err.get('msg', 'invalid')}")
+    request.state.error_code = InvalidParameterError.code
+    return JSONResponse(
+        error_body(InvalidParameterError.code, "; ".join(problems) or "invalid parameters"), status_code=422
+    )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error", extra={"request_id": _request_id(request)})
+    request.state.error_code = "internal_error"
+    return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    """Route every exception, FastAPI's own 404/405/validation errors included, to the JSON shape."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,111 @@
+"""`Settings`: every knob of the service, read from `CROSSVIT_*` environment variables."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["ENV_PREFIX", "Settings", "describe_validation_error", "env_name"]
+
+ENV_PREFIX = "CROSSVIT_"
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    """One frozen set of settings, made at the edge (CLI or test) and passed to `create_app`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # model and weights
+    model: str = Field("crossvit_18_dagger_240", description="variant name (timm, Lucid or official alias)")
+    weights: str | None = Field(None, description="checkpoint file, or a directory holding the variant's checkpoint")
+    weights_dir: Path = Field(DEFAULT_WEIGHTS_DIR, description="where checkpoints are looked for and fetched to")
+    fetch_weights: bool = Field(True, description="download the published checkpoint when none is present")
+    weights_source: Literal["hub", "official"] = "hub"
+    allow_random_weights: bool = Field(False, description="serve a randomly initialised model when no weights exist")
+
+    # devices and workers
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    workers: int | Literal["auto"] = Field("auto", description="worker processes per device")
+    threads_per_worker: int | Literal["auto"] = Field("auto", description="torch threads in each CPU worker")
+    preprocess_threads: int | Literal["auto"] = Field("auto", description="threads decoding images")
+
+    # batching, queueing, deadlines
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
+    max_queue: int = Field(64, ge=1, description="images waiting for a worker before 503")
+    request_timeout_s: float = Field(30.0, gt=0)
+    shutdown_timeout_s: float = Field(25.0, gt=0, description="drain budget after SIGTERM")
+
+    # request limits
+    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # at most Pillow's own bomb threshold, above which it would warn before our check runs
+    max_image_pixels: int = Field(40_000_000, ge=1, le=89_478_485)
+    max_images_per_request: int = Field(16, ge=1)
+
+    # access and operation
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="comma-separated")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["json", "text"] = "text"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("workers", "threads_per_worker", "preprocess_threads")
+    @classmethod
+    def _positive_or_auto(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive integer or 'auto'")
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from model.variants import resolve_name
+
+        try:
+            return resolve_name(value)
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0])) from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_images_per_request > self.max_queue:
+            raise ValueError(
+                f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queue "
+                f"({self.max_queue}), or such a request could never be admitted"
+            )
+        return self
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each naming the environment variable to fix."""
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err.get("loc") else None
+        name = env_name(field) if field else "settings"
+        lines.append(f"invalid setting {name}: {err['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,309 @@
+"""The worker pool, parent side: spawn replicas, dispatch batches into their slots, supervise.
+
+A worker that dies (segfault, OOM kill, CUDA error) is noticed at once through its process
+sentinel on the event loop; images it held are retried once elsewhere or failed with a
+retryable 503, and it is restarted with exponential backoff. Readiness reads `ready_count`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import torch.multiprocessing as mp
+
+from . import replica
+from .batcher import Pending, WorkerOutput
+from .errors import WorkerFailedError
+from .metrics import Metrics
+from .replica import ReplicaSpec, Slots
+
+__all__ = ["WorkerPool", "WorkerState"]
+
+logger = logging.getLogger(__name__)
+
+SLOTS_PER_WORKER = 2  # one batch computing while the next is already staged
+MAX_ATTEMPTS = 2  # a crash allows one retry on another worker
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 30.0
+STABLE_AFTER_S = 60.0  # a worker up this long resets the backoff
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DEAD = "dead"
+    STOPPED = "stopped"
+
+
+@dataclass(eq=False)
+class _Batch:
+    id: int
+    slot: int
+    items: list[Pending]
+    dispatched_at: float
+
+
+@dataclass(eq=False)
+class _Worker:
+    spec: ReplicaSpec
+    slots: Slots
+    process: BaseProcess | None = None
+    conn: Connection | None = None
+    state: WorkerState = WorkerState.STARTING
+    free_slots: list[int] = field(default_factory=list)
+    in_flight: dict[int, _Batch] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+    crashes_in_row: int = 0
+    ready_at: float | None = None
+    last_error: str | None = None
+    restart: asyncio.TimerHandle | None = None
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        specs: list[ReplicaSpec],
+        *,
+        branch_sizes: tuple[int, int],
+        num_classes: int,
+        metrics: Metrics,
+        wake: Callable[[], None],
+        requeue: Callable[[list[Pending]], None],
+        on_done: Callable[[int], None],
+        cpu_budget: int | None = None,
+    ) -> None:
+        self._ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        self._workers = [
+            _Worker(spec, Slots.allocate(SLOTS_PER_WORKER, spec.max_batch_size, branch_sizes, num_classes))
+            for spec in specs
+        ]
+        self._metrics = metrics
+        self._wake = wake
+        self._requeue = requeue
+        self._on_done = on_done
+        self._batch_ids = itertools.count()
+        # With a budget, CPU workers share the cores: a worker computing alone gets them all
+        # (batch-1 latency), busy ones split them (no oversubscription at full load).
+        self._cpu_budget = cpu_budget
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- what the batcher and readiness read -------------------------------------------------
+    @property
+    def ready_count(self) -> int:
+        return sum(w.state is WorkerState.READY for w in self._workers)
+
+    def serving_soon(self) -> bool:
+        """A worker is ready, or one that was ready is being restarted: work queued now will run."""
+        return any(
+            w.state is WorkerState.READY or (w.ready_at is not None and w.state is not WorkerState.STOPPED)
+            for w in self._workers
+        )
+
+    def has_capacity(self) -> bool:
+        return any(w.state is WorkerState.READY and w.free_slots for w in self._workers)
+
+    def has_idle(self) -> bool:
+        return any(w.state is WorkerState.READY and not w.in_flight for w in self._workers)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": w.spec.worker_id,
+                "pid": w.process.pid if w.process else None,
+                "device": w.spec.device,
+                "state": w.state.value,
+                "threads": w.spec.threads,
+                "batches_in_flight": len(w.in_flight),
+                "restarts": w.restarts,
+                "last_error": w.last_error,
+                **{k: w.info[k] for k in ("mode", "guard_cosine", "startup_s") if k in w.info},
+            }
+            for w in self._workers
+        ]
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for worker in self._workers:
+            self._spawn(worker)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Ask every worker to exit; terminate the ones that don't within the timeout."""
+        self._stopping = True
+        for worker in self._workers:
+            if worker.restart is not None:
+                worker.restart.cancel()
+        live = [w for w in self._workers if w.process is not None and w.process.is_alive()]
+        for worker in live:
+            try:
+                assert worker.conn is not None
+                worker.conn.send(("stop",))
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + timeout_s
+        for worker in live:
+            assert worker.process is not None
+            await asyncio.to_thread(worker.process.join, max(0.1, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                logger.warning("worker did not stop in time; terminating", extra={"worker": worker.spec.worker_id})
+                worker.process.kill()
+                await asyncio.to_thread(worker.process.join, 5)
+        for worker in self._workers:
+            self._detach(worker)
+            worker.state = WorkerState.STOPPED
+
+    def _spawn(self, worker: _Worker) -> None:
+        assert self._loop is not None
+        parent_conn, child_conn = self._ctx.Pipe()
+        process = self._ctx.Process(
+            target=replica.main,
+            args=(worker.spec, child_conn, worker.slots),
+            name=f"crossvit-worker-{worker.spec.worker_id}",
+            daemon=True,  # never outlive the server
+        )
+        process.start()
+        child_conn.close()
+        worker.process, worker.conn = process, parent_conn
+        worker.state = WorkerState.STARTING
+        worker.free_slots = list(range(worker.slots.count))
+        worker.in_flight = {}
+        self._loop.add_reader(parent_conn.fileno(), self._on_readable, worker)
+        self._loop.add_reader(process.sentinel, self._on_exit, worker)
+        logger.info("worker starting", extra={"worker": worker.spec.worker_id, "pid": process.pid,
+                                               "device": worker.spec.device})
+
+    def _detach(self, worker: _Worker) -> None:
+        if self._loop is None or worker.conn is None or worker.process is None:
+            return
+        self._loop.remove_reader(worker.conn.fileno())
+        self._loop.remove_reader(worker.process.sentinel)
+        worker.conn.close()
+        worker.conn = None
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def submit(self, batch: list[Pending]) -> None:
+        """Copy the batch into a free slot of the least busy ready worker and start it."""
+        candidates = [w for w in self._workers if w.state is WorkerState.READY and w.free_slots]
+        if not candidates:
+            self._requeue(batch)
+            return
+        worker = min(candidates, key=lambda w: len(w.in_flight))
+        slot = worker.free_slots.pop()
+        now = time.monotonic()
+        for i, item in enumerate(batch):
+            worker.slots.x0[slot, i].copy_(item.branches[0])
+            worker.slots.x1[slot, i].copy_(item.branches[1])
+            item.attempts += 1
+            self._metrics.queue_wait.observe(now - item.enqueued_at)
+        record = _Batch(next(self._batch_ids), slot, batch, now)
+        worker.in_flight[record.id] = record
+        self._metrics.batch_size.observe(len(batch))
+        try:
+            assert worker.conn is not None
+            worker.conn.send(("run", record.id, slot, len(batch), self._threads_for(worker)))
+        except (OSError, ValueError):
+            pass  # the worker is dying; its sentinel fires next and retries these images
+
+    def _threads_for(self, worker: _Worker) -> int:
+        if self._cpu_budget is None or worker.spec.device != "cpu":
+            return worker.spec.threads
+        busy = sum(1 for w in self._workers if w.spec.device == "cpu" and w.in_flight)
+        return max(worker.spec.threads, self._cpu_budget // max(1, busy))
+
+    # -- messages and deaths ------------------------------------------------------------------
+    def _on_readable(self, worker: _Worker) -> None:
+        conn = worker.conn
+        try:
+            while conn is not None and conn.poll():
+                self._handle(worker, conn.recv())
+        except (EOFError, OSError):
+            pass  # the sentinel reports the death
+
+    def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "ready":
+            worker.state, worker.info, worker.ready_at, worker.last_error = (
+                WorkerState.READY, message[1], time.monotonic(), None
+            )
+        elif kind == "done":
+            _, batch_id, slot, seconds = message
+            batch = worker.in_flight.pop(batch_id)
+            worker.free_slots.append(slot)
+            logits = worker.slots.logits[slot, : len(batch.items)].clone()
+            for i, item in enumerate(batch.items):
+                if not item.future.done():
+                    item.future.set_result(WorkerOutput(
+                        logits[i], queue_s=batch.dispatched_at - item.enqueued_at, inference_s=seconds,
+                        batch_size=len(batch.items),
+                    ))
+            self._metrics.inference.observe(seconds)
+            self._on_done(len(batch.items))
+        elif kind == "failed":
+            _, batch_id, slot, reason = message
+            batch = worker.in_flight.pop(batch_id)
+            worker.free_slots.append(slot)
+            logger.error("batch failed on a worker", extra={"worker": worker.spec.worker_id, "reason": reason})
+            self._fail(batch.items, f"inference failed: {reason}")
+        elif kind == "fatal":
+            worker.last_error = message[1]
+        self._wake()
+
+    def _fail(self, items: list[Pending], message: str) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(WorkerFailedError(message, headers={"Retry-After": "1"}))
+
+    def _on_exit(self, worker: _Worker) -> None:
+        self._on_readable(worker)  # a result sent just before dying still counts
+        assert worker.process is not None
+        worker.process.join(timeout=1)
+        exitcode = worker.process.exitcode
+        self._detach(worker)
+        was_ready = worker.state is WorkerState.READY
+        worker.state = WorkerState.STOPPED if self._stopping else WorkerState.DEAD
+        if self._stopping:
+            return
+        retry: list[Pending] = []
+        for batch in worker.in_flight.values():
+            for item in batch.items:
+                if item.future.done():
+                    continue
+                if item.attempts < MAX_ATTEMPTS:
+                    retry.append(item)
+                else:
+                    self._fail([item], "the worker processing this image died twice; retry the request")
+        worker.in_flight.clear()
+        worker.free_slots = []
+        if worker.last_error is None:
+            worker.last_error = f"exited with code {exitcode}"
+        if worker.ready_at is not None and time.monotonic() - worker.ready_at > STABLE_AFTER_S:
+            worker.crashes_in_row = 0
+        worker.crashes_in_row += 1
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (worker.crashes_in_row - 1))
+        logger.warning(
+            "worker died; restarting",
+            extra={"worker": worker.spec.worker_id, "exitcode": exitcode, "was_ready": was_ready,
+                   "retrying_images": len(retry), "restart_in_s": delay, "error": worker.last_error},
+        )
+        if retry:
+            self._requeue(retry)
+        assert self._loop is not None
+        worker.restart = self._loop.call_later(delay, self._restart, worker)
+        self._wake()
+
+    def _restart(self, worker: _Worker) -> None:
+        if self._stopping:
+            return
+        worker.restarts += 1
+        self._metrics.worker_restarts.inc()
+        self._spawn(worker)

@@ -1,0 +1,147 @@
+"""Shared fixtures: a timm-made checkpoint and the real server (uvicorn on a free loopback port)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import timm
+import torch
+import uvicorn
+from safetensors.torch import save_file
+from torch import nn
+
+from service.app import create_app
+from service.settings import Settings
+
+TEST_VARIANT = "crossvit_tiny_240"  # the cheapest published variant: fast tests, real architecture
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A timm model with random init and the same weights saved as a real checkpoint file."""
+
+    timm_model: nn.Module
+    checkpoint: Path
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    torch.manual_seed(0)
+    model = timm.create_model(TEST_VARIANT, pretrained=False).eval()
+    path = tmp_path_factory.mktemp("weights") / f"{TEST_VARIANT}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return Reference(model, path)
+
+
+def wait_ready(url: str, timeout_s: float = 120.0) -> None:
+    """Poll /readyz until 200 (workers spawn and warm up in the background)."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=5) as client:
+        while True:
+            try:
+                if client.get(f"{url}/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not ready after {timeout_s} s")
+            threading.Event().wait(0.1)  # a short poll interval, not a sleep-to-synchronise
+
+
+@contextmanager
+def run_server(**overrides: Any) -> Iterator[str]:
+    """The real app under uvicorn in a thread, on a socket that listens before uvicorn starts."""
+    settings = Settings(**{"model": TEST_VARIANT, "fetch_weights": False, "log_level": "warning", **overrides})
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = uvicorn.Config(create_app(settings), log_config=None, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        wait_ready(url)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def server(reference: Reference) -> Iterator[str]:
+    """The main test server: fp32 so that served logits can be compared with timm's, two workers."""
+    with run_server(weights=str(reference.checkpoint), precision="fp32", workers=2, threads_per_worker=1,
+                    max_batch_size=4) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+ServerFactory = Callable[..., Any]
+
+
+@pytest.fixture(scope="session")
+def server_factory() -> ServerFactory:
+    return run_server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class CliServer:
+    """`crossvit-serve` in a subprocess (the real entry point, signals included)."""
+
+    process: subprocess.Popen[str]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def cli_env(tmp_path: Path, **settings: object) -> dict[str, str]:
+    """A clean environment: only the settings given here, plus what Python needs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CROSSVIT_")}
+    env.update({"CROSSVIT_MODEL": TEST_VARIANT, "CROSSVIT_FETCH_WEIGHTS": "false",
+                "CROSSVIT_WEIGHTS_DIR": str(tmp_path / "no-weights-here"), "PYTHONUNBUFFERED": "1"})
+    env.update({f"CROSSVIT_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+@contextmanager
+def start_cli(tmp_path: Path, *, wait: bool = True, **settings: object) -> Iterator[CliServer]:
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    env = cli_env(tmp_path, port=port, **settings)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "service.cli"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, text=True)
+    server = CliServer(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        if wait:
+            wait_ready(server.url)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)

@@ -1,0 +1,81 @@
+"""`crossvit-serve` as users run it: settings checked at start, weights policy, logs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import Reference, cli_env, start_cli
+from tests.photos import encode, photo
+
+JPEG = encode(photo("chelsea"), "JPEG", quality=90)
+
+
+def _run(tmp_path: Path, **settings: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "service.cli"], env=cli_env(tmp_path, **settings),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_invalid_settings_refuse_to_start_naming_the_setting(tmp_path: Path) -> None:
+    result = _run(tmp_path, max_batch_size=0, device="tpu", log_format="yaml")
+    assert result.returncode == 2
+    for name in ("CROSSVIT_MAX_BATCH_SIZE", "CROSSVIT_DEVICE", "CROSSVIT_LOG_FORMAT"):
+        assert name in result.stderr, result.stderr
+
+
+def test_unknown_model_is_named(tmp_path: Path) -> None:
+    result = _run(tmp_path, model="crossvit_huge")
+    assert result.returncode == 2
+    assert "CROSSVIT_MODEL" in result.stderr and "crossvit_18_dagger_240" in result.stderr
+
+
+def test_no_weights_without_random_fallback_exits_with_a_message(tmp_path: Path) -> None:
+    result = _run(tmp_path, allow_random_weights="false")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "no weights for crossvit_tiny_240" in output
+    assert "CROSSVIT_WEIGHTS" in output and "CROSSVIT_ALLOW_RANDOM_WEIGHTS" in output
+
+
+def test_missing_configured_weights_file_exits(tmp_path: Path) -> None:
+    result = _run(tmp_path, weights=str(tmp_path / "nope.safetensors"), allow_random_weights="true")
+    assert result.returncode != 0
+    assert "nope.safetensors" in result.stdout + result.stderr
+
+
+def test_broken_weights_file_exits_naming_the_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + b"\x00" * 64)
+    result = _run(tmp_path, weights=str(bad))
+    assert result.returncode != 0
+    assert "broken.safetensors" in result.stdout + result.stderr
+
+
+def test_random_weights_are_loud_and_flagged(tmp_path: Path) -> None:
+    with start_cli(tmp_path, allow_random_weights="true", workers=1, log_format="json") as server:
+        response = httpx.post(f"{server.url}/v1/classify", content=JPEG, headers={"Content-Type": "image/jpeg"})
+        assert response.status_code == 200
+        assert response.headers["X-Model-Pretrained"] == "false"
+        card = httpx.get(f"{server.url}/v1/models").json()
+        assert card["weights"]["pretrained"] is False and card["weights"]["source"] == "random"
+        again = httpx.get(f"{server.url}/v1/models").json()
+        assert again["weights"]["sha256"] == card["weights"]["sha256"]  # seeded: every replica alike
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    warnings = [r for r in lines if r["level"] == "warning" and "RANDOMLY INITIALISED" in r["message"]]
+    assert warnings, server.log()
+    access = [r for r in lines if r["message"] == "request" and r.get("path") == "/v1/classify"]
+    assert access and access[0]["status"] == 200 and access[0]["images"] == 1
+    assert {"request_id", "duration_ms", "timing_ms"} <= set(access[0])
+
+
+def test_pretrained_weights_have_no_random_flag(tmp_path: Path, reference: Reference) -> None:
+    with start_cli(tmp_path, weights=str(reference.checkpoint), workers=1, api_keys="sekret-key-123") as server:
+        response = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer sekret-key-123"})
+        assert response.status_code == 200
+        assert "X-Model-Pretrained" not in response.headers
+        assert response.json()["weights"]["pretrained"] is True
+    assert "sekret-key-123" not in server.log()  # keys never reach the logs

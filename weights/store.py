@@ -1,0 +1,160 @@
+"""The local weights folder: which checkpoint belongs to which variant, recorded in `manifest.json`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal, get_args
+
+from model.checkpoint import file_sha256
+from model.variants import get_variant
+
+__all__ = [
+    "MANIFEST_NAME",
+    "ManifestEntry",
+    "ManifestError",
+    "Source",
+    "WeightsNotFoundError",
+    "candidate_names",
+    "find_local",
+    "read_manifest",
+    "record",
+    "resolve_path",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+Source = Literal["hub", "official", "local"]
+
+
+class ManifestError(ValueError):
+    """`manifest.json` is unreadable or an entry lacks a field; the message names the file and entry."""
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """No checkpoint where one was configured or looked for; the message lists what was tried."""
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """Where one variant's checkpoint came from and what it must hash to."""
+
+    file: str  # relative to the weights folder
+    source: Source
+    sha256: str
+    size: int  # bytes
+    fetched_at: str  # ISO-8601, UTC
+    origin: str  # hub repo id, release URL, or the file a local checkpoint was recorded from
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> ManifestEntry:
+        if not isinstance(data, Mapping):
+            raise ManifestError(f"{where}: expected an object, found {type(data).__name__}")
+        fields = {"file": str, "source": str, "sha256": str, "size": int, "fetched_at": str, "origin": str}
+        if problems := [f"{k} must be a {t.__name__}" for k, t in fields.items() if not isinstance(data.get(k), t)]:
+            raise ManifestError(f"{where}: " + "; ".join(problems))
+        if data["source"] not in get_args(Source):
+            raise ManifestError(f"{where}: source {data['source']!r} is not one of {', '.join(get_args(Source))}")
+        return cls(**{k: data[k] for k in fields})
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _manifest_path(weights_dir: Path) -> Path:
+    return weights_dir / MANIFEST_NAME
+
+
+def read_manifest(weights_dir: Path) -> dict[str, ManifestEntry]:
+    """Entries by canonical variant name; an absent manifest is an empty one."""
+    path = _manifest_path(weights_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc}); fix it or delete it and fetch again") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected an object mapping variant names to entries")
+    return {str(name): ManifestEntry.from_dict(entry, f"{path} [{name!r}]") for name, entry in data.items()}
+
+
+def candidate_names(variant: str) -> tuple[str, ...]:
+    """File names a variant's checkpoint goes by when the manifest does not name it."""
+    v = get_variant(variant)
+    return (f"{v.name}.safetensors", f"{v.name}.pth", f"{v.official_name}.pth")
+
+
+def find_local(variant: str, weights_dir: Path) -> Path | None:
+    """The variant's checkpoint in `weights_dir`: the manifest's file first, then the conventional names."""
+    name = get_variant(variant).name  # aliases resolve; unknown names raise with the known list
+    entry = read_manifest(weights_dir).get(name)
+    if entry is not None:
+        path = weights_dir / entry.file
+        if path.is_file():
+            return path
+        logger.warning("manifest entry for %s names %s, which is missing; looking for other files", name, path)
+    return next((p for p in (weights_dir / n for n in candidate_names(name)) if p.is_file()), None)
+
+
+def resolve_path(path: Path, variant: str) -> Path:
+    """A checkpoint file as is, or the variant's checkpoint inside a directory."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise WeightsNotFoundError(f"weights path {str(path)!r} is neither a file nor a directory")
+    found = find_local(variant, path)
+    if found is None:
+        looked_for = [MANIFEST_NAME + " entry", *candidate_names(variant)]
+        raise WeightsNotFoundError(
+            f"no checkpoint for {get_variant(variant).name} in {path}: looked for {', '.join(looked_for)}"
+        )
+    return found
+
+
+def record(
+    weights_dir: Path,
+    variant: str,
+    path: Path,
+    *,
+    source: Source,
+    origin: str,
+    sha256: str | None = None,
+    fetched_at: datetime | None = None,
+) -> ManifestEntry:
+    """Add or replace the variant's entry; the manifest is replaced atomically (temp file + os.replace)."""
+    name = get_variant(variant).name
+    try:
+        relative = path.resolve().relative_to(weights_dir.resolve())
+    except ValueError:
+        raise ValueError(f"{path} is not inside the weights folder {weights_dir}") from None
+    entry = ManifestEntry(
+        file=relative.as_posix(),
+        source=source,
+        sha256=sha256 or file_sha256(path),
+        size=path.stat().st_size,
+        fetched_at=(fetched_at or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(timespec="seconds"),
+        origin=origin,
+    )
+    entries = read_manifest(weights_dir)
+    entries[name] = entry
+    text = json.dumps({k: e.to_dict() for k, e in sorted(entries.items())}, indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=weights_dir, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide it from a server running as another user
+            f.write(text)
+        os.replace(tmp, _manifest_path(weights_dir))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return entry
