@@ -22,27 +22,27 @@ logger = logging.getLogger(__name__)
 _CPU_WORKERS_CAP = 4
 
 
-def usable_cpus() -> int:
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """CPUs this process may use: the cgroup quota (containers) or the affinity mask.
 
     `os.cpu_count()` reports the host's cores inside a container, which oversubscribes.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = _cgroup_quota()
+    quota = _cgroup_quota(cgroup_root)
     if quota is not None:
         cpus = min(cpus, max(1, math.floor(quota)))
     return max(1, cpus)
 
 
-def _cgroup_quota() -> float | None:
+def _cgroup_quota(root: Path) -> float | None:
     try:  # cgroup v2: "max 100000" or "200000 100000"
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
     try:  # cgroup v1
-        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
         return None if quota_us <= 0 else quota_us / period_us
     except (OSError, ValueError):
         return None

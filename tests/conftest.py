@@ -129,10 +129,12 @@ def cli_env(tmp_path: Path, **settings: object) -> dict[str, str]:
 
 
 @contextmanager
-def start_cli(tmp_path: Path, *, wait: bool = True, **settings: object) -> Iterator[CliServer]:
+def start_cli(
+    tmp_path: Path, *, wait: bool = True, extra_env: dict[str, str] | None = None, **settings: object
+) -> Iterator[CliServer]:
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
-    env = cli_env(tmp_path, port=port, **settings)
+    env = {**cli_env(tmp_path, port=port, **settings), **(extra_env or {})}
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "service.cli"], env=env, stdout=log,
                                    stderr=subprocess.STDOUT, text=True)
@@ -145,3 +147,12 @@ def start_cli(tmp_path: Path, *, wait: bool = True, **settings: object) -> Itera
         if process.poll() is None:
             process.kill()
         process.wait(timeout=30)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
