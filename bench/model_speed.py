@@ -49,15 +49,24 @@ def build_modes(name: str, weights: Path, timm_model: torch.nn.Module, compile_:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # constant-fold weights into the graph (CPU inference)
-        model = create_model(name, weights=weights).to(torch.bfloat16)
-        compiled = torch.compile(model.branch_logits)
-
-        def forward(x: Tensor) -> Tensor:
-            b0, b1 = compiled([t.to(torch.bfloat16) for t in model.branch_inputs(x)])
-            return ((b0 + b1) / 2).float()
-
-        modes["ours-bf16-compile"] = forward
+        modes["ours-bf16-weights-compile"] = _compiled(create_model(name, weights=weights), autocast=False)
+        modes["ours-bf16-autocast-compile"] = _compiled(create_model(name, weights=weights), autocast=True)
     return modes
+
+
+def _compiled(model: torch.nn.Module, *, autocast: bool) -> Forward:
+    """torch.compile (inductor, freezing) of bf16 weights, or of fp32 weights under bf16 autocast."""
+    if not autocast:
+        model = model.to(torch.bfloat16)
+    compiled = torch.compile(model.branch_logits)
+    dtype = torch.float32 if autocast else torch.bfloat16
+
+    def forward(x: Tensor) -> Tensor:
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            b0, b1 = compiled([t.to(dtype) for t in model.branch_inputs(x)])
+        return ((b0 + b1) / 2).float()
+
+    return forward
 
 
 def time_modes(modes: dict[str, Forward], x: Tensor, repeats: int) -> dict[str, float]:

@@ -61,12 +61,17 @@ def run_wrk(url: str, image: Path, connections: int, duration_s: int) -> LoadRes
          "-s", str(ROOT / "bench" / "classify.lua"), f"{url}/v1/classify"],
         env={**os.environ, "IMAGE": str(image)}, capture_output=True, text=True, check=True,
     ).stdout
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
-    return LoadResult(
-        rps=float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1)),  # type: ignore[union-attr]
-        p50_ms=_ms(latency["50"]), p99_ms=_ms(latency["99"]),
-        non_200=int(re.search(r"NON200 (\d+)", out).group(1)),  # type: ignore[union-attr]
-    )
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.MULTILINE))  # wrk pads some values
+    try:
+        result = LoadResult(
+            rps=float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1)),  # type: ignore[union-attr]
+            p50_ms=_ms(latency["50"]), p99_ms=_ms(latency["99"]),
+            non_200=int(re.search(r"NON200 (\d+)", out).group(1)),  # type: ignore[union-attr]
+        )
+    except (KeyError, AttributeError) as exc:
+        raise RuntimeError(f"unexpected wrk output:\n{out}") from exc
+    print(f"  {url} c={connections}: {result}", file=sys.stderr, flush=True)
+    return result
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 300) -> None:

@@ -12,11 +12,11 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -32,6 +32,7 @@ __all__ = ["Classification", "Engine", "EngineConfig", "ImageResult", "Predictio
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 30
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,28 @@ class DrainRate:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
+
+
+async def _settle(futures: list[asyncio.Future[T]], deadline: float) -> list[T] | None:
+    """All results in order, or the first failure by index, or None once the deadline passes.
+
+    Whatever happens (failure, deadline, the caller cancelled) no future is left running, so an
+    abandoned image leaves the queue. asyncio.wait, unlike gather under wait_for, leaves no
+    orphaned gathering future behind to log "exception was never retrieved".
+    """
+    try:
+        await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()),
+                           return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for future in futures:
+            if not future.done():
+                future.cancel()
+    for future in futures:
+        if not future.cancelled() and future.exception() is not None:
+            raise future.exception()  # type: ignore[misc]
+    if any(future.cancelled() for future in futures):
+        return None
+    return [future.result() for future in futures]
 
 
 class Engine:
@@ -231,17 +254,19 @@ class Engine:
             reserved = len(images)
             try:
                 try:
-                    prepared = await asyncio.wait_for(self._preprocess(images), deadline - time.monotonic())
-                except asyncio.TimeoutError:
-                    raise expired("preprocessing") from None
+                    prepared = await self._preprocess(images, deadline)
                 finally:
                     timing["decode"] = _ms(time.monotonic() - started)
+                if prepared is None:
+                    raise expired("preprocessing")
                 loop = asyncio.get_running_loop()
                 pending = [Pending(p.branches, loop.create_future()) for p in prepared]
                 self._reserved -= reserved
                 reserved = 0
                 self._batcher.queue.put(pending)
-                outputs = await self._await_outputs(pending, deadline, expired)
+                outputs = await _settle([p.future for p in pending], deadline)
+                if outputs is None:
+                    raise expired("queueing or inference")
             finally:
                 self._reserved -= reserved
         timing["queue"] = _ms(max(o.queue_s for o in outputs))
@@ -251,7 +276,7 @@ class Engine:
         timing["total"] = _ms(time.monotonic() - started)
         return Classification(results, timing)
 
-    async def _preprocess(self, images: Sequence[bytes]) -> list[Preprocessed]:
+    async def _preprocess(self, images: Sequence[bytes], deadline: float) -> list[Preprocessed] | None:
         loop = asyncio.get_running_loop()
         spec, max_pixels = self._config.input_spec, self._config.max_image_pixels
 
@@ -263,23 +288,7 @@ class Engine:
                 self._metrics.preprocess.observe(time.perf_counter() - begun)
 
         jobs = [loop.run_in_executor(self._executor, functools.partial(run, i, data)) for i, data in enumerate(images)]
-        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
-        for outcome in outcomes:  # the first bad image, by index, fails the request
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return [o for o in outcomes if isinstance(o, Preprocessed)]
-
-    async def _await_outputs(
-        self, pending: list[Pending], deadline: float, expired: Callable[[str], DeadlineExceededError]
-    ) -> list[WorkerOutput]:
-        futures = [p.future for p in pending]
-        try:
-            return list(await asyncio.wait_for(asyncio.gather(*futures), deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            raise expired("queueing or inference") from None
-        finally:
-            for future in futures:  # on any failure or cancellation, nothing stays queued
-                future.cancel()
+        return await _settle(jobs, deadline)
 
     def _top(self, logits: torch.Tensor, top_k: int) -> list[list[Prediction]]:
         probabilities = logits.softmax(dim=-1)

@@ -12,10 +12,12 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 __all__ = [
+    "CLIENT_CLOSED_REQUEST",
     "BadRequestError",
     "DeadlineExceededError",
     "ImageTooLargeError",
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
 
 
 class ServiceError(Exception):
@@ -164,6 +168,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _client_disconnect(request: Request, exc: Exception) -> Response:
+    request.state.error_code = "client_closed_request"
+    return Response(status_code=CLIENT_CLOSED_REQUEST)  # the client left mid-body; nobody reads this
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error", extra={"request_id": _request_id(request)})
     request.state.error_code = "internal_error"
@@ -175,4 +184,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -53,7 +53,10 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
+    # Libraries that brought their own stderr handler (uvicorn, huggingface_hub) log through
+    # ours instead, so every line has one format.
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger) and logger.handlers:
+            logger.handlers[:] = []
+            logger.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # the app writes its own access line

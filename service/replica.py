@@ -160,7 +160,11 @@ def _serve(spec: ReplicaSpec, conn: Connection, slots: Slots, runner: Runner) ->
 
 def main(spec: ReplicaSpec, conn: Connection, slots: Slots) -> None:
     """Process entry point (spawned): build, guard, warm up, report ready, then serve."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    # Ctrl-C, or a SIGTERM sent to the whole process group, must not kill a worker mid-drain: the
+    # parent stops its workers itself (a "stop" message, then SIGKILL), and a worker whose parent
+    # vanished exits when its pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from service.logs import configure_logging
 
     configure_logging(spec.log_level, spec.log_format)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .engine import Classification, Engine
-from .errors import InvalidParameterError, UnauthorizedError, error_body
+from .errors import CLIENT_CLOSED_REQUEST, InvalidParameterError, UnauthorizedError, error_body
 from .inputs import MULTIPART_FIELD, RAW_IMAGE_TYPES, read_images
 from .loading import LoadedWeights
 from .metrics import Metrics
@@ -111,7 +111,7 @@ async def classify(
     x_request_timeout_ms: Annotated[
         int | None, Header(ge=1, description="client deadline; never waited past, nor past the server's limit")
     ] = None,
-) -> dict[str, Any]:
+) -> Any:
     started = time.monotonic()
     card = request.state.model_card
     if top_k > card["labels"]:
@@ -131,7 +131,8 @@ async def classify(
     if not work.done():  # the client went away: drop its images before they take device time
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)
-        return {}
+        request.state.error_code = "client_closed_request"
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; logs and metrics do
     gone.cancel()
     result: Classification = work.result()
     request.state.timing_ms = result.timing_ms

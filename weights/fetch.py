@@ -6,6 +6,7 @@ import http.client
 import logging
 import os
 import shutil
+import socket
 import struct
 import tempfile
 import urllib.error
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Literal
+from urllib.parse import urlsplit
 
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
@@ -100,6 +102,8 @@ def _fetch_hub(v: Variant, repo_id: str, dest: Path, *, progress: bool) -> tuple
     cache = dest / CACHE_DIRNAME
     where = f"{HUB_FILENAME} from the Hugging Face hub repo {repo_id} at {hf_constants.ENDPOINT}"
     logger.info("downloading %s", where)
+    if not hf_constants.HF_HUB_OFFLINE:
+        _reachable(hf_constants.ENDPOINT, where)
     try:
         with _hub_progress(progress):
             blob = Path(hf_hub_download(repo_id=repo_id, filename=HUB_FILENAME, cache_dir=cache)).resolve()
@@ -113,6 +117,25 @@ def _fetch_hub(v: Variant, repo_id: str, dest: Path, *, progress: bool) -> tuple
     target = dest / f"{v.name}.safetensors"
     _place(blob, target)
     return target, sha256
+
+
+def _reachable(endpoint: str, where: str, timeout_s: float = 5.0) -> None:
+    """Fail at once when the endpoint's host does not resolve or accept connections.
+
+    huggingface_hub retries such errors with backoff for about 25 s; offline, that only delays
+    the server's fallback. A reachable host is left to huggingface_hub's own handling, and so is
+    every host reached through a proxy (HTTPS_PROXY and friends), which may be the only way out.
+    """
+    url = urlsplit(endpoint)
+    if url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(url.hostname or ""):
+        return
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise FetchError(f"could not download {where}: {url.hostname}:{port} is unreachable ({exc}); "
+                         f"{OFFLINE_HINT}") from exc
 
 
 def _place(src: Path, target: Path) -> None:

@@ -5,9 +5,12 @@ Everything runs for real: uvicorn, the batcher, spawned worker processes, the ti
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -126,3 +129,27 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path, refere
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
     assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
     assert [r.status_code for r in results] == [200] * 8, [r.text[:200] for r in results]
+
+
+def test_a_client_that_leaves_is_dropped_quietly(one_worker: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Leaving mid-body, and leaving while its images wait or compute: no error, no 500."""
+    host, port = one_worker.removeprefix("http://").split(":")
+    files = [("images", (f"{i}.jpg", JPEG, "image/jpeg")) for i in range(4)]
+    request = httpx.Request("POST", f"{one_worker}/v1/classify", files=files)
+    body = request.read()
+    head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
+    raw = f"POST /v1/classify HTTP/1.1\r\n{head}\r\n".encode()
+    with caplog.at_level(logging.WARNING):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(raw + body[: len(body) // 2])  # and leave mid-body
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(raw + body)
+            _until(lambda: _metric(one_worker, "crossvit_in_flight_requests") >= 1, 30, "the request to start")
+        _until(lambda: _metric(one_worker, "crossvit_in_flight_requests") == 0, 30, "the abandoned request to end")
+        assert _classify(one_worker).status_code == 200
+        gc.collect()  # an orphaned future logs "exception was never retrieved" when collected
+    problems = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not problems, [r.getMessage() for r in problems]
+    text = httpx.get(f"{one_worker}/metrics").text
+    assert 'status="500"' not in text
+    assert re.search(r'^crossvit_requests_total\{route="/v1/classify",status="499"\} 2\.0$', text, re.M), text

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hubserver import serve_files, serve_hub, unreachable_url
 
-from weights.fetch import FetchError, fetch
+from weights.fetch import FetchError, _reachable, fetch
 from weights.store import MANIFEST_NAME, find_local, read_manifest
 
 TINY = "crossvit_tiny_240"
@@ -129,3 +130,25 @@ def test_unwritable_manifest_is_a_fetch_error(tmp_path: Path, tiny_official: byt
         with pytest.raises(FetchError, match=f"cannot write {TINY}'s checkpoint into {tmp_path}") as info:
             fetch(TINY, tmp_path, source="official", official_base_url=url, progress=False)
     assert isinstance(info.value, OSError)  # callers that catch OSError for bad weights catch this too
+
+
+def test_unreachable_hub_fails_fast(tmp_path: Path, run_cli: RunCli) -> None:
+    """Offline without HF_HUB_OFFLINE: one refused connection ends it, not huggingface_hub's retries."""
+    with unreachable_url() as url:
+        started = time.monotonic()
+        result = run_cli(["fetch", TINY, "--dest", str(tmp_path), "--no-progress"], {"HF_ENDPOINT": url})
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert f"{url.removeprefix('http://')} is unreachable" in result.stderr
+    assert "CROSSVIT_WEIGHTS" in result.stderr
+    assert elapsed < 20, elapsed  # the process start and imports take a few seconds; retries took 25+
+
+
+def test_a_proxy_skips_the_reachability_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind a proxy the direct connection may be blocked while the proxy works: leave it to the download."""
+    with unreachable_url() as url:
+        with pytest.raises(FetchError, match="is unreachable"):
+            _reachable(url, "the checkpoint")
+        monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+        monkeypatch.setenv("no_proxy", "")
+        _reachable(url, "the checkpoint")  # no error: the proxy is the way out
