@@ -46,9 +46,15 @@ def build_modes(name: str, weights: Path, timm_model: torch.nn.Module, compile_:
     for mode in (Mode.FP32, Mode.BF16_AUTOCAST, Mode.BF16_WEIGHTS):
         modes[f"ours-{mode.value}"] = _mean_logits(prepare(create_model(name, weights=weights), mode))
     if compile_:
+        import torch._dynamo
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # constant-fold weights into the graph (CPU inference)
+        # One static graph per batch size and mode; past dynamo's recompile limit (8 in torch 2.x)
+        # it would silently run the rest eagerly and the table would time eager code as compiled.
+        torch._dynamo.reset()
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, 64)
         modes["ours-bf16-weights-compile"] = _compiled(create_model(name, weights=weights), autocast=False)
         modes["ours-bf16-autocast-compile"] = _compiled(create_model(name, weights=weights), autocast=True)
     return modes
@@ -58,7 +64,7 @@ def _compiled(model: torch.nn.Module, *, autocast: bool) -> Forward:
     """torch.compile (inductor, freezing) of bf16 weights, or of fp32 weights under bf16 autocast."""
     if not autocast:
         model = model.to(torch.bfloat16)
-    compiled = torch.compile(model.branch_logits)
+    compiled = torch.compile(model.branch_logits, dynamic=False)
     dtype = torch.float32 if autocast else torch.bfloat16
 
     def forward(x: Tensor) -> Tensor:

@@ -119,6 +119,13 @@ def model_only(variant: str, weights: Path, mode: Mode, batch: int, repeats: int
     return batch / statistics.median(times)
 
 
+def sample_model_only(samples: dict[int, list[float]], variant: str, weights: Path, mode: Mode) -> None:
+    """One more model-only sample per batch size: taken before, between and after the servers' runs,
+    whose median stands beside them, because shared cores drift over the minutes a run takes."""
+    for batch, values in samples.items():
+        values.append(model_only(variant, weights, mode, batch))
+
+
 def preprocess_ms(variant: str, data: bytes, repeats: int = 50) -> float:
     spec = InputSpec.from_variant(get_variant(variant))
     torch.set_num_threads(1)
@@ -159,19 +166,24 @@ def main() -> None:
         rows = []
         for precision in args.precisions:
             mode = MODES[precision]
-            only = {b: model_only(args.variant, weights, mode, b) for b in (1, MAX_BATCH)}
-            forward_b1_ms = 1000 / only[1]
+            samples: dict[int, list[float]] = {1: [], MAX_BATCH: []}
+            sample_model_only(samples, args.variant, weights, mode)
             served = measure_server(
                 [sys.executable, "-m", "service.cli"],
                 {"CROSSVIT_MODEL": args.variant, "CROSSVIT_WEIGHTS": str(weights), "CROSSVIT_PRECISION": precision,
                  "CROSSVIT_PORT": str(args.port), "CROSSVIT_LOG_LEVEL": "warning"},
                 image, args, args.port,
             )
+            sample_model_only(samples, args.variant, weights, mode)
             naive = measure_server(
                 [sys.executable, str(ROOT / "bench" / "naive_server.py"), "--variant", args.variant,
                  "--weights", str(weights), "--precision", precision, "--port", str(args.port + 1)],
                 {}, image, args, args.port + 1,
             )
+            sample_model_only(samples, args.variant, weights, mode)
+            print(f"  model-only img/s samples: {samples}", file=sys.stderr, flush=True)
+            only = {b: statistics.median(values) for b, values in samples.items()}
+            forward_b1_ms = 1000 / only[1]
             rows.append((precision, only, forward_b1_ms, served, naive))
 
         print("| precision | c | served img/s | p50 ms | p99 ms | non-200 | model-only img/s (batch) "

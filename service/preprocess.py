@@ -57,11 +57,15 @@ BACKGROUND = (255, 255, 255)
 
 # Draft mode decodes a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) as long as the shorter
 # side stays >= DRAFT_SAFETY_FACTOR * resize_size, so the bicubic downscale after it still dominates.
-# Measured on 5 photos (bench/preprocess.md): at 2, a 4000x3000 JPEG decodes at 1/4 and branch 0 moves
+# Measured on 5 photos (bench/README.md, "Preprocessing"): at 2, a 4000x3000 JPEG decodes at 1/4 and branch 0 moves
 # by max 0.053, mean 0.0055; a 1600x1200 one at 1/2, by max 0.12, mean 0.0074; logits cosine 0.999998.
 # That is JPEG quality 95 vs 90 territory (mean 0.004-0.009); at 1 the mean doubles to 0.019-0.032.
 # 4000x3000 goes from 122 to 21 ms.
 DRAFT_SAFETY_FACTOR = 2.0
+# Up to this aspect ratio the shorter side is resized and then cropped, bit-identical to timm's
+# transform; beyond it (a resize of more than MAX_RESIZE_ASPECT x 274 x 274 pixels) only the
+# cropped region is resampled, within two 8-bit steps of it (measured in tests).
+MAX_RESIZE_ASPECT = 16
 
 _PIL_ALIASES = {"MPO": "JPEG"}  # multi-picture JPEGs (many phone cameras); the first picture is a JPEG
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -243,12 +247,20 @@ def _branch0(rgb: Image.Image, spec: InputSpec) -> torch.Tensor:
         new_width, new_height = size, int(size * height / width)
     else:
         new_width, new_height = int(size * width / height), size
-    if (new_width, new_height) != (width, height):
-        rgb = rgb.resize((new_width, new_height), Image.Resampling.BICUBIC)
     crop = spec.crop_size
     top = int(round((new_height - crop) / 2.0))  # torchvision's CenterCrop offsets
     left = int(round((new_width - crop) / 2.0))
-    pixels = np.asarray(rgb)[top:top + crop, left:left + crop]  # (240, 240, 3) uint8, a view
+    if new_width * new_height <= MAX_RESIZE_ASPECT * size * size:
+        if (new_width, new_height) != (width, height):
+            rgb = rgb.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        pixels = np.asarray(rgb)[top:top + crop, left:left + crop]  # (240, 240, 3) uint8, a view
+    else:
+        # Resample only the source region the crop keeps, at the full resize's scale, so the work
+        # and memory stay crop x crop: a 100000x1 PNG would otherwise resize to 27 gigapixels.
+        # Each output pixel gets the same filter taps up to float rounding.
+        sx, sy = width / new_width, height / new_height
+        box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+        pixels = np.asarray(rgb.resize((crop, crop), Image.Resampling.BICUBIC, box=box))
     x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1).contiguous()  # (3, 240, 240)
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)

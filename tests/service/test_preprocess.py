@@ -5,9 +5,12 @@ from __future__ import annotations
 import functools
 import io
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,14 +23,14 @@ from torch import Tensor
 
 from model.variants import get_variant
 from service.errors import ImageTooLargeError, InvalidImageError, ServiceError, UnsupportedMediaTypeError
-from service.preprocess import ALLOWED_FORMATS, BACKGROUND, InputSpec, Preprocessed, preprocess
+from service.preprocess import ALLOWED_FORMATS, BACKGROUND, MAX_RESIZE_ASPECT, InputSpec, Preprocessed, preprocess
 from tests.photos import encode, jpeg_with_orientation, photo, resized
 
 Transform = Callable[[Image.Image], Tensor]
 
 MAX_PIXELS = 40_000_000
 EXACT = 1e-5
-# Draft mode at DRAFT_SAFETY_FACTOR 2 on photos upscaled to 4000x3000 (bench/preprocess.md): worst photo
+# Draft mode at DRAFT_SAFETY_FACTOR 2 on photos upscaled to 4000x3000 (bench/README.md, "Preprocessing"): worst photo
 # max 0.0525, mean 0.0055 (chelsea: 0.035, 0.0038). At factor 1 chelsea gives 0.122 and 0.0091, failing both.
 DRAFT_MAX_ABS = 0.06
 DRAFT_MEAN_ABS = 0.006
@@ -414,3 +417,39 @@ def test_draft_mode_with_exif_rotation_reports_the_upright_full_size(spec: Input
     drafted, full = run(data, spec), run(data, spec, draft=False)
     assert (drafted.width, drafted.height) == (full.width, full.height) == (3000, 4000)
     assert max_diff(drafted.branches[0], full.branches[0]) <= DRAFT_MAX_ABS
+
+
+def test_an_extreme_aspect_ratio_costs_no_more_than_a_crop(tmp_path: Path) -> None:
+    """A 20000x1 PNG is 20000 pixels, far under the limit; resizing all of it to a shorter side of
+    274 would make a 5.5-million-pixel-wide, 4.5 GB image. Only the cropped region is resampled, so
+    peak memory stays that of the interpreter (measured in a fresh process, so nothing else counts)."""
+    path = tmp_path / "line.png"
+    line = np.tile(np.arange(256, dtype=np.uint8), 20000 // 256 + 1)[:20000]
+    Image.fromarray(line[None, :], "L").save(path)
+    script = (
+        "import resource, sys\n"
+        "from model.variants import get_variant\n"
+        "from service.preprocess import InputSpec, preprocess\n"
+        "spec = InputSpec.from_variant(get_variant('crossvit_tiny_240'))\n"
+        "result = preprocess(open(sys.argv[1], 'rb').read(), spec, max_pixels=40_000_000)\n"
+        "assert result.branches[0].isfinite().all() and (result.width, result.height) == (20000, 1)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"  # KiB -> MiB
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
+                          check=False, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    peak_mib = int(done.stdout.split()[-1])
+    assert peak_mib < 1500, f"peak RSS {peak_mib} MiB"  # importing torch is ~400 MiB; a full resize is 4500+
+
+
+@pytest.mark.parametrize("size", [(6000, 300), (300, 6000)])
+def test_past_the_aspect_bound_only_the_crop_is_resampled_almost_exactly(
+    size: tuple[int, int], spec: InputSpec, oracle: Transform
+) -> None:
+    assert max(size) / min(size) > MAX_RESIZE_ASPECT  # timm's full resize is still affordable here
+    data = encode(resized(photo("astronaut"), *size), "PNG")
+    diff = (run(data, spec).branches[0] - reference(oracle, data)).abs()
+    step = 1 / 255 / min(spec.std)  # one 8-bit step after normalisation
+    # PIL resamples in two passes through 8-bit: a one-step flip in the first can make two.
+    assert diff.max().item() <= 2 * step + EXACT
+    assert (diff > EXACT).float().mean().item() < 0.01, (diff > EXACT).float().mean().item()
