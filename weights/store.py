@@ -6,11 +6,17 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, get_args
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: recording is then only safe from one process at a time
+    fcntl = None  # type: ignore[assignment]
 
 from model.checkpoint import file_sha256
 from model.variants import get_variant
@@ -145,16 +151,31 @@ def record(
         fetched_at=(fetched_at or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(timespec="seconds"),
         origin=origin,
     )
-    entries = read_manifest(weights_dir)
-    entries[name] = entry
-    text = json.dumps({k: e.to_dict() for k, e in sorted(entries.items())}, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=weights_dir, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide it from a server running as another user
-            f.write(text)
-        os.replace(tmp, _manifest_path(weights_dir))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _exclusive(weights_dir):  # read-modify-write: two fetches into one folder must not lose an entry
+        entries = read_manifest(weights_dir)
+        entries[name] = entry
+        text = json.dumps({k: e.to_dict() for k, e in sorted(entries.items())}, indent=2) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=weights_dir, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide it from a server running as another user
+                f.write(text)
+            os.replace(tmp, _manifest_path(weights_dir))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return entry
+
+
+@contextmanager
+def _exclusive(weights_dir: Path) -> Iterator[None]:
+    """An advisory lock on the weights folder, across processes (pods sharing a volume) and threads."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(weights_dir, os.O_RDONLY)  # the folder itself: no lock file left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from model import list_variants
 from weights.store import (
     MANIFEST_NAME,
     ManifestError,
@@ -162,3 +165,20 @@ def test_resolve_path_says_what_it_looked_for(tmp_path: Path) -> None:
     assert str(tmp_path) in message
     with pytest.raises(WeightsNotFoundError, match="neither a file nor a directory"):
         resolve_path(tmp_path / "missing", "crossvit_tiny_240")
+
+
+def test_concurrent_records_keep_every_entry(tmp_path: Path) -> None:
+    """Eleven fetches finishing at once into one folder (pods sharing a volume): none is lost."""
+    names = list_variants()
+    files = [_touch(tmp_path / f"{name}.pth", name.encode()) for name in names]
+    start = threading.Barrier(len(names))
+
+    def one(i: int) -> None:
+        start.wait()
+        record(tmp_path, names[i], files[i], source="local", origin=files[i].name)
+
+    for _ in range(3):
+        with ThreadPoolExecutor(len(names)) as pool:
+            list(pool.map(one, range(len(names))))
+        assert sorted(read_manifest(tmp_path)) == sorted(names)
+        (tmp_path / MANIFEST_NAME).unlink()
