@@ -64,7 +64,7 @@ BACKGROUND = (255, 255, 255)
 DRAFT_SAFETY_FACTOR = 2.0
 # Up to this aspect ratio the shorter side is resized and then cropped, bit-identical to timm's
 # transform; beyond it (a resize of more than MAX_RESIZE_ASPECT x 274 x 274 pixels) only the
-# cropped region is resampled, within two 8-bit steps of it (measured in tests).
+# cropped region is resampled (_resize_region), within two 8-bit steps of it (measured in tests).
 MAX_RESIZE_ASPECT = 16
 
 _PIL_ALIASES = {"MPO": "JPEG"}  # multi-picture JPEGs (many phone cameras); the first picture is a JPEG
@@ -214,6 +214,27 @@ def _decode_rgb(
         ) from None
 
 
+def _resize_region(rgb: Image.Image, full: tuple[int, int], offset: tuple[int, int], crop: int) -> Image.Image:
+    """The crop x crop region at `offset` of `rgb` resized to `full`, computing only that region.
+
+    PIL's box resize matches resize-then-crop to within two 8-bit steps, except when the width
+    is upscaled (a tall image narrower than the resize target), where it rounds its 8-bit
+    intermediate differently (up to 18 levels on noise). There, two explicit one-axis passes,
+    horizontal then vertical, match it again; only the rows the vertical filter reaches are read.
+    """
+    width, height = rgb.size
+    sx, sy = width / full[0], height / full[1]
+    x0, x1 = offset[0] * sx, (offset[0] + crop) * sx
+    y0, y1 = offset[1] * sy, (offset[1] + crop) * sy
+    if sx >= 1.0:
+        return rgb.resize((crop, crop), Image.Resampling.BICUBIC, box=(x0, y0, x1, y1))
+    reach = 2.0 * max(sy, 1.0) + 2  # bicubic support (2 taps each side, scaled when reducing) + margin
+    r0, r1 = max(0, math.floor(y0 - reach)), min(height, math.ceil(y1 + reach))
+    band = rgb.crop((0, r0, width, r1))
+    band = band.resize((crop, r1 - r0), Image.Resampling.BICUBIC, box=(x0, 0, x1, r1 - r0))
+    return band.resize((crop, crop), Image.Resampling.BICUBIC, box=(0, y0 - r0, crop, y1 - r0))
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB by the rules in the module docstring."""
     mode = image.mode
@@ -258,9 +279,7 @@ def _branch0(rgb: Image.Image, spec: InputSpec) -> torch.Tensor:
         # Resample only the source region the crop keeps, at the full resize's scale, so the work
         # and memory stay crop x crop: a 100000x1 PNG would otherwise resize to 27 gigapixels.
         # Each output pixel gets the same filter taps up to float rounding.
-        sx, sy = width / new_width, height / new_height
-        box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
-        pixels = np.asarray(rgb.resize((crop, crop), Image.Resampling.BICUBIC, box=box))
+        pixels = np.asarray(_resize_region(rgb, (new_width, new_height), (left, top), crop))
     x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1).contiguous()  # (3, 240, 240)
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)

@@ -127,7 +127,8 @@ def _reachable(endpoint: str, where: str, timeout_s: float = 5.0) -> None:
     every host reached through a proxy (HTTPS_PROXY and friends), which may be the only way out.
     """
     url = urlsplit(endpoint)
-    if url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(url.hostname or ""):
+    proxies = urllib.request.getproxies().keys() & {url.scheme, "all"}  # ALL_PROXY counts too
+    if proxies and not urllib.request.proxy_bypass(url.hostname or ""):
         return
     port = url.port or (443 if url.scheme == "https" else 80)
     try:

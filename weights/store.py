@@ -173,9 +173,17 @@ def _exclusive(weights_dir: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    fd = os.open(weights_dir, os.O_RDONLY)  # the folder itself: no lock file left behind
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(weights_dir, os.O_RDONLY)  # the folder itself: no lock file left behind
+    except OSError as exc:
+        logger.warning("cannot lock the weights folder; recording without a lock", extra={"reason": str(exc)})
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # NFS emulates flock with byte-range locks, which a directory fd cannot take
+            logger.warning("cannot lock the weights folder; recording without a lock", extra={"reason": str(exc)})
         yield
     finally:
         os.close(fd)  # releases the lock

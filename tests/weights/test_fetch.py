@@ -6,6 +6,7 @@ Nothing leaves 127.0.0.1: the hub is `hubserver.serve_hub`, the release `hubserv
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -146,9 +147,12 @@ def test_unreachable_hub_fails_fast(tmp_path: Path, run_cli: RunCli) -> None:
 
 def test_a_proxy_skips_the_reachability_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """Behind a proxy the direct connection may be blocked while the proxy works: leave it to the download."""
+    for name in [n for n in os.environ if n.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
     with unreachable_url() as url:
         with pytest.raises(FetchError, match="is unreachable"):
             _reachable(url, "the checkpoint")
-        monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
-        monkeypatch.setenv("no_proxy", "")
-        _reachable(url, "the checkpoint")  # no error: the proxy is the way out
+        for proxy in ("http_proxy", "all_proxy"):
+            monkeypatch.setenv(proxy, "http://proxy.invalid:3128")
+            _reachable(url, "the checkpoint")  # no error: the proxy is the way out
+            monkeypatch.delenv(proxy)
