@@ -12,36 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _measure(variant: str, mode: str, batch: int, seconds: float) -> float:
-    """Runs in the child: time the model at this process's thread count."""
-    import torch
-
-    sys.path.insert(0, str(ROOT))
-    from model import create_model
-    from model.runtime import Mode, prepare
-
-    torch.manual_seed(0)
-    runner = prepare(create_model(variant), Mode(mode))
-    sizes = runner.model.config.img_size
-    x = [torch.randn(batch, 3, s, s) for s in sizes]
-    runner(x)
-    runner(x)
-    times = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        start = time.perf_counter()
-        runner(x)
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
 
 
 def _spawn(threads: int, args: argparse.Namespace, mode: str) -> subprocess.Popen[str]:
@@ -64,7 +36,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["fp32", "bf16-autocast"])
     args = parser.parse_args()
     if os.environ.get("POOL_LAYOUT_CHILD"):
-        print(f"{_measure(args.variant, args.modes[0], args.batch, args.seconds):.2f}")
+        import torch
+        from serve_load import Mode, model_only  # bench/ is on sys.path (this script's folder)
+
+        torch.manual_seed(0)
+        print(f"{model_only(args.variant, None, Mode(args.modes[0]), args.batch, 1, args.seconds):.2f}")
         return
 
     cores = len(os.sched_getaffinity(0))

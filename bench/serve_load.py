@@ -104,15 +104,20 @@ def measure_server(command: list[str], env: dict[str, str], image: Path, args: a
             process.kill()
 
 
-def model_only(variant: str, weights: Path, mode: Mode, batch: int, repeats: int = 15) -> float:
-    """img/s of the bare model, per-branch inputs ready, one process using every core."""
+def model_only(
+    variant: str, weights: Path | None, mode: Mode, batch: int, repeats: int = 15, min_seconds: float = 0.0
+) -> float:
+    """img/s of the bare model, per-branch inputs ready, at this process's torch threads: the median
+    of at least `repeats` timed calls, and of as many as `min_seconds` holds, after two warm-up calls.
+    No weights: random init (same cost)."""
     runner = prepare(create_model(variant, weights=weights), mode)
     sizes = runner.model.config.img_size
     x = [torch.randn(batch, 3, s, s) for s in sizes]
     runner(x)
     runner(x)
     times = []
-    for _ in range(repeats):
+    end = time.monotonic() + min_seconds
+    while len(times) < repeats or time.monotonic() < end:
         start = time.perf_counter()
         runner(x)
         times.append(time.perf_counter() - start)

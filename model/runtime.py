@@ -67,8 +67,7 @@ class Runner:
             # The heads run outside autocast, in fp32: a bf16 matmul output would round every logit
             # to 8 significant bits (0.796875 for 0.7971) and costs the guard's cosine margin, for
             # a (B, D) x (D, 1000) product that is a rounding error of the forward's time.
-            head_dtype = self.mode.dtype if self.mode is Mode.BF16_WEIGHTS else torch.float32
-            b0, b1 = (head(f.to(head_dtype)) for head, f in zip(self.model.head, features, strict=True))
+            b0, b1 = (head(f.to(dtype)) for head, f in zip(self.model.head, features, strict=True))
         return b0.float(), b1.float()
 
 

@@ -112,8 +112,8 @@ async def _settle(futures: list[asyncio.Future[T]], deadline: float) -> list[T] 
             if not future.done():
                 future.cancel()
     for future in futures:
-        if not future.cancelled() and future.exception() is not None:
-            raise future.exception()  # type: ignore[misc]
+        if not future.cancelled() and (error := future.exception()) is not None:
+            raise error
     if any(future.cancelled() for future in futures):
         return None
     return [future.result() for future in futures]

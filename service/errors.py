@@ -17,7 +17,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 __all__ = [
-    "CLIENT_CLOSED_REQUEST",
     "BadRequestError",
     "DeadlineExceededError",
     "ImageTooLargeError",
@@ -169,8 +168,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _client_disconnect(request: Request, exc: Exception) -> Response:
+    """A client that left, mid-body (Starlette raises) or while its images were queued (the route raises)."""
     request.state.error_code = "client_closed_request"
-    return Response(status_code=CLIENT_CLOSED_REQUEST)  # the client left mid-body; nobody reads this
+    return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; the access log and metrics do
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -63,7 +63,7 @@ BACKGROUND = (255, 255, 255)
 # 4000x3000 goes from 122 to 21 ms.
 DRAFT_SAFETY_FACTOR = 2.0
 # Up to this aspect ratio the shorter side is resized and then cropped, bit-identical to timm's
-# transform; beyond it (a resize of more than MAX_RESIZE_ASPECT x 274 x 274 pixels) only the
+# transform; beyond it (a longer side over MAX_RESIZE_ASPECT x 274 after the resize) only the
 # cropped region is resampled (_resize_region), within two 8-bit steps of it (measured in tests).
 MAX_RESIZE_ASPECT = 16
 
@@ -271,14 +271,11 @@ def _branch0(rgb: Image.Image, spec: InputSpec) -> torch.Tensor:
     crop = spec.crop_size
     top = int(round((new_height - crop) / 2.0))  # torchvision's CenterCrop offsets
     left = int(round((new_width - crop) / 2.0))
-    if new_width * new_height <= MAX_RESIZE_ASPECT * size * size:
+    if max(new_width, new_height) <= MAX_RESIZE_ASPECT * size:
         if (new_width, new_height) != (width, height):
             rgb = rgb.resize((new_width, new_height), Image.Resampling.BICUBIC)
         pixels = np.asarray(rgb)[top:top + crop, left:left + crop]  # (240, 240, 3) uint8, a view
-    else:
-        # Resample only the source region the crop keeps, at the full resize's scale, so the work
-        # and memory stay crop x crop: a 100000x1 PNG would otherwise resize to 27 gigapixels.
-        # Each output pixel gets the same filter taps up to float rounding.
+    else:  # a 100000x1 PNG would resize to 27 gigapixels: compute only the crop
         pixels = np.asarray(_resize_region(rgb, (new_width, new_height), (left, top), crop))
     x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1).contiguous()  # (3, 240, 240)
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)

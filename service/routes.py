@@ -10,9 +10,10 @@ from typing import Annotated, Any, TypedDict
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from .engine import Classification, Engine
-from .errors import CLIENT_CLOSED_REQUEST, InvalidParameterError, UnauthorizedError, error_body
+from .errors import InvalidParameterError, UnauthorizedError, error_body
 from .inputs import MULTIPART_FIELD, RAW_IMAGE_TYPES, read_images
 from .loading import LoadedWeights
 from .metrics import Metrics
@@ -111,7 +112,7 @@ async def classify(
     x_request_timeout_ms: Annotated[
         int | None, Header(ge=1, description="client deadline; never waited past, nor past the server's limit")
     ] = None,
-) -> Any:
+) -> dict[str, Any]:
     started = time.monotonic()
     card = request.state.model_card
     if top_k > card["labels"]:
@@ -131,8 +132,7 @@ async def classify(
     if not work.done():  # the client went away: drop its images before they take device time
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)
-        request.state.error_code = "client_closed_request"
-        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; logs and metrics do
+        raise ClientDisconnect()  # answered like a client that left mid-body (service.errors)
     gone.cancel()
     result: Classification = work.result()
     request.state.timing_ms = result.timing_ms

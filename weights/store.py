@@ -170,20 +170,15 @@ def record(
 @contextmanager
 def _exclusive(weights_dir: Path) -> Iterator[None]:
     """An advisory lock on the weights folder, across processes (pods sharing a volume) and threads."""
-    if fcntl is None:
-        yield
-        return
+    fd = None
     try:
-        fd = os.open(weights_dir, os.O_RDONLY)  # the folder itself: no lock file left behind
-    except OSError as exc:
-        logger.warning("cannot lock the weights folder; recording without a lock", extra={"reason": str(exc)})
-        yield
-        return
-    try:
-        try:
+        if fcntl is not None:
+            fd = os.open(weights_dir, os.O_RDONLY)  # the folder itself: no lock file left behind
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:  # NFS emulates flock with byte-range locks, which a directory fd cannot take
-            logger.warning("cannot lock the weights folder; recording without a lock", extra={"reason": str(exc)})
+    except OSError as exc:  # e.g. NFS, which emulates flock with byte-range locks a directory cannot take
+        logger.warning("cannot lock the weights folder; recording without a lock", extra={"reason": str(exc)})
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
