@@ -1,10 +1,12 @@
 """Our CrossViT's forward pass against timm's on the same weights, alternating in one process.
 
-    python bench/model_speed.py [--variants ...] [--batches 1 8 32] [--repeats 7] [--compile]
+    python bench/model_speed.py [--variants ...] [--batches 1 8 32] [--repeats 7] [--compile] [--no-openvino]
 
 Both models get the same (B, 3, 240, 240) batch, so both include the 240 -> 224 branch resize.
-Modes: timm fp32, ours fp32, and our bf16 modes; the chosen bf16 mode is the fastest whose
-logits keep a worst-case cosine >= 0.9999 to fp32 on a fixed probe batch.
+Modes: timm fp32, ours fp32, our bf16 modes, and our model on the service's OpenVINO backend
+(fp32 and bf16 hints, converted and compiled by the service's own code, the classifier heads in
+PyTorch fp32 as served); the chosen PyTorch bf16 mode is the fastest whose logits keep a worst-case cosine
+>= 0.9999 to fp32 on a fixed probe batch.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import create_model  # noqa: E402
+from model import CrossViT, create_model  # noqa: E402
 from model.runtime import Mode, logit_cosine, prepare  # noqa: E402
+from service.backends.openvino_runtime import OpenVINOBackend, available, convert_cached  # noqa: E402
 
 COSINE_FLOOR = 0.9999
 Forward = Callable[[Tensor], Tensor]
@@ -41,10 +44,14 @@ def _mean_logits(runner: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Forward:
     return forward
 
 
-def build_modes(name: str, weights: Path, timm_model: torch.nn.Module, compile_: bool) -> dict[str, Forward]:
+def build_modes(
+    name: str, weights: Path, timm_model: torch.nn.Module, compile_: bool, openvino: bool
+) -> dict[str, Forward]:
     modes: dict[str, Forward] = {"timm-fp32": timm_model}
     for mode in (Mode.FP32, Mode.BF16_AUTOCAST, Mode.BF16_WEIGHTS):
         modes[f"ours-{mode.value}"] = _mean_logits(prepare(create_model(name, weights=weights), mode))
+    if openvino:
+        modes.update(_openvino_modes(create_model(name, weights=weights)))
     if compile_:
         import torch._dynamo
         import torch._inductor.config as inductor_config
@@ -57,6 +64,19 @@ def build_modes(name: str, weights: Path, timm_model: torch.nn.Module, compile_:
         setattr(torch._dynamo.config, limit, 64)
         modes["ours-bf16-weights-compile"] = _compiled(create_model(name, weights=weights), autocast=False)
         modes["ours-bf16-autocast-compile"] = _compiled(create_model(name, weights=weights), autocast=True)
+    return modes
+
+
+def _openvino_modes(model: CrossViT) -> dict[str, Forward]:
+    """The service's OpenVINO backend in fp32 and bf16 on this process's threads, one conversion."""
+    import openvino
+
+    converted, _ = convert_cached(model, "bench", None)
+    threads = torch.get_num_threads()
+    modes: dict[str, Forward] = {}
+    for mode in ("fp32", "bf16"):
+        backend = OpenVINOBackend(openvino.Core(), converted, model.head, mode, (threads,))
+        modes[f"openvino-{mode}"] = lambda x, backend=backend: backend(x, threads).mean(dim=1)  # type: ignore[misc]
     return modes
 
 
@@ -96,6 +116,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--compile", action="store_true", help="add torch.compile (bf16, freezing): slow start")
+    parser.add_argument("--no-openvino", action="store_true", help="leave out the OpenVINO backend's modes")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -108,7 +129,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / "model.safetensors"
             save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, weights)
-            modes = build_modes(name, weights, ref, args.compile)
+            modes = build_modes(name, weights, ref, args.compile, available() and not args.no_openvino)
 
         probe = torch.randn(8, 3, 240, 240, generator=torch.Generator().manual_seed(1))
         with torch.inference_mode():
@@ -116,16 +137,20 @@ def main() -> None:
             cosine = {k: logit_cosine(fp32, forward(probe)) for k, forward in modes.items()}
         print(f"\n## {name}: worst logit cosine to fp32 on 8 probe images: "
               + ", ".join(f"{k} {v:.6f}" for k, v in cosine.items()))
-        header = ["batch"] + [f"{k} img/s" for k in modes] + ["bf16 chosen"]
+        header = ["batch"] + [f"{k} img/s" for k in modes] + ["PyTorch bf16 chosen"]
+        if "openvino-fp32" in modes:
+            header.append("openvino-fp32 / ours-fp32")
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for batch in args.batches:
             x = torch.randn(batch, 3, 240, 240, generator=torch.Generator().manual_seed(batch))
             seconds = time_modes(modes, x, args.repeats)
             base = seconds["timm-fp32"]
-            eligible = [k for k in modes if "bf16" in k and cosine[k] >= COSINE_FLOOR]
+            eligible = [k for k in modes if "bf16" in k and cosine[k] >= COSINE_FLOOR and k.startswith("ours")]
             chosen = min(eligible, key=seconds.__getitem__) if eligible else None
             cells = [str(batch)] + [f"{batch / s:.1f} ({base / s:.2f}x)" for s in seconds.values()]
             cells.append(f"{chosen} ({base / seconds[chosen]:.2f}x)" if chosen else "none passes the guard")
+            if "openvino-fp32" in seconds:
+                cells.append(f"{seconds['ours-fp32'] / seconds['openvino-fp32']:.2f}x")
             print("| " + " | ".join(cells) + " |", flush=True)
             results.append({"variant": name, "batch": batch, "img_per_s": {k: batch / s for k, s in seconds.items()},
                             "cosine": cosine, "chosen_bf16": chosen})

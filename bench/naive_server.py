@@ -33,8 +33,8 @@ def build(variant: str, weights: Path, precision: str) -> FastAPI:
     app = FastAPI()
 
     def infer(data: bytes) -> list[int]:
-        x0, x1 = preprocess(data, spec, max_pixels=40_000_000).branches
-        b0, b1 = runner([x0[None], x1[None]])
+        x = preprocess(data, spec, max_pixels=40_000_000).pixels
+        b0, b1 = runner(x[None])
         return ((b0 + b1) / 2).topk(5).indices[0].tolist()
 
     @app.post("/v1/classify")

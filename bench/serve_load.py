@@ -1,13 +1,19 @@
-"""Served throughput and latency under load, beside model-only and a naive server, in one run.
+"""The service under load beside its peers and its own ceiling, in one run.
 
-    python bench/serve_load.py [--variant crossvit_9_dagger_240] [--concurrency 1 8 32]
-                               [--duration 15] [--precisions fp32 bf16]
+    python bench/serve_load.py [--variant crossvit_9_dagger_240] [--concurrency 1 8 32] [--duration 15]
+                               [--systems ours litserve naive]
 
-Needs `wrk` (Debian: apt-get install wrk). Loopback only; every load run is bounded by
---duration. Steps: (1) in-process references: preprocessing ms per 640x480 JPEG and model-only
-img/s (one process, every core) at batch 1 and at the service's max batch size; (2) the service
-(`crossvit-serve`, its defaults apart from model, weights and precision) under wrk at each
-concurrency; (3) bench/naive_server.py (one forward per request in a threadpool) likewise.
+Needs `wrk` (Debian: apt-get install wrk) and, for the LitServe peer, `litserve` (pip). Loopback
+only; every load run is bounded by --duration. Steps, for the same random-init weights and the
+same 640x480 JPEG throughout:
+(1) references in this process: preprocessing ms per image (one thread), and model-only img/s of
+    the model as the service runs it (its backend and mode, every core) at batch 1 and 8;
+(2) the service (`crossvit-serve`, defaults apart from model, weights and precision) with
+    CROSSVIT_PRECISION=fp32 (exact) and =auto (the default: the fastest guarded mode);
+(3) LitServe (bench/litserve_server.py) and the naive server (bench/naive_server.py), PyTorch fp32
+    and bf16 autocast, the modes a user of either would run;
+each under wrk at every concurrency after a discarded warm-up; model-only is sampled again
+between the servers (the median stands), because shared cores drift over a run.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from model import create_model  # noqa: E402
 from model.runtime import Mode, prepare  # noqa: E402
 from model.variants import get_variant  # noqa: E402
+from service.backends import Probe, build_openvino, cache_key  # noqa: E402
 from service.preprocess import InputSpec, preprocess  # noqa: E402
 from tests.photos import encode, photo, resized  # noqa: E402
 
@@ -88,14 +96,26 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30
     raise TimeoutError(url)
 
 
-def measure_server(command: list[str], env: dict[str, str], image: Path, args: argparse.Namespace,
-                   port: int) -> dict[int, LoadResult]:
+@dataclass
+class Served:
+    label: str
+    mode: str  # what the server said it runs (the service), or the mode it was started in
+    runs: dict[int, LoadResult]
+
+
+def measure_server(label: str, command: list[str], env: dict[str, str], image: Path, args: argparse.Namespace,
+                   port: int) -> Served:
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     try:
         wait_ready(url, process)
+        mode = env.get("CROSSVIT_PRECISION", "")
+        models = httpx.get(f"{url}/v1/models", timeout=5)
+        if models.status_code == 200 and "workers" in models.json():  # the service reports what it chose
+            workers = models.json()["workers"]
+            mode = "+".join(sorted({f"{w.get('backend')}-{w.get('mode')}" for w in workers}))
         run_wrk(url, image, 8, 3)  # warm-up, discarded
-        return {c: run_wrk(url, image, c, args.duration) for c in args.concurrency}
+        return Served(label, mode, {c: run_wrk(url, image, c, args.duration) for c in args.concurrency})
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -104,31 +124,37 @@ def measure_server(command: list[str], env: dict[str, str], image: Path, args: a
             process.kill()
 
 
-def model_only(
-    variant: str, weights: Path | None, mode: Mode, batch: int, repeats: int = 15, min_seconds: float = 0.0
-) -> float:
-    """img/s of the bare model, per-branch inputs ready, at this process's torch threads: the median
-    of at least `repeats` timed calls, and of as many as `min_seconds` holds, after two warm-up calls.
-    No weights: random init (same cost)."""
-    runner = prepare(create_model(variant, weights=weights), mode)
-    sizes = runner.model.config.img_size
-    x = [torch.randn(batch, 3, s, s) for s in sizes]
-    runner(x)
-    runner(x)
+def _timed(forward: Callable[[], object], batch: int, repeats: int, min_seconds: float) -> float:
+    """batch / median seconds of at least `repeats` calls (and of as many as `min_seconds` holds),
+    after two warm-up calls."""
+    forward()
+    forward()
     times = []
     end = time.monotonic() + min_seconds
     while len(times) < repeats or time.monotonic() < end:
         start = time.perf_counter()
-        runner(x)
+        forward()
         times.append(time.perf_counter() - start)
     return batch / statistics.median(times)
 
 
-def sample_model_only(samples: dict[int, list[float]], variant: str, weights: Path, mode: Mode) -> None:
-    """One more model-only sample per batch size: taken before, between and after the servers' runs,
-    whose median stands beside them, because shared cores drift over the minutes a run takes."""
-    for batch, values in samples.items():
-        values.append(model_only(variant, weights, mode, batch))
+def model_only(
+    variant: str, weights: Path | None, mode: Mode, batch: int, repeats: int = 15, min_seconds: float = 0.0
+) -> float:
+    """img/s of the bare PyTorch model at this process's torch threads. No weights: random init."""
+    runner = prepare(create_model(variant, weights=weights), mode)
+    x = torch.randn(batch, 3, *(runner.model.config.img_size[0],) * 2)
+    return _timed(lambda: runner(x), batch, repeats, min_seconds)
+
+
+def model_only_openvino(variant: str, weights: Path, mode: str, batch: int, repeats: int = 15) -> float:
+    """img/s of the model on the service's OpenVINO backend in `mode`, on every core."""
+    model = create_model(variant, weights=weights)
+    threads = torch.get_num_threads()
+    built, _ = build_openvino(model, key=cache_key(variant, "bench"), cache_dir=None, precision=mode,
+                              threads=(threads,), probe=Probe.of(model))
+    x = torch.randn(batch, 3, *(model.config.img_size[0],) * 2)
+    return _timed(lambda: built.backend(x, threads), batch, repeats, 0.0)
 
 
 def preprocess_ms(variant: str, data: bytes, repeats: int = 50) -> float:
@@ -146,12 +172,28 @@ def preprocess_ms(variant: str, data: bytes, repeats: int = 50) -> float:
     return statistics.median(times) * 1000
 
 
+def _ours(precision: str, weights: Path, args: argparse.Namespace, image: Path) -> Served:
+    env = {"CROSSVIT_MODEL": args.variant, "CROSSVIT_WEIGHTS": str(weights), "CROSSVIT_PRECISION": precision,
+           "CROSSVIT_PORT": str(args.port), "CROSSVIT_LOG_LEVEL": "warning",
+           "CROSSVIT_CACHE_DIR": str(weights.parent / "model-cache")}
+    return measure_server(f"ours {precision}", [sys.executable, "-m", "service.cli"], env, image, args, args.port)
+
+
+def _peer(name: str, precision: str, weights: Path, args: argparse.Namespace, image: Path) -> Served:
+    port = args.port + (1 if name == "naive" else 2)
+    script = ROOT / "bench" / ("naive_server.py" if name == "naive" else "litserve_server.py")
+    command = [sys.executable, str(script), "--variant", args.variant, "--weights", str(weights),
+               "--precision", precision, "--port", str(port)]
+    return measure_server(f"{name} {precision}", command, {}, image, args, port)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="crossvit_9_dagger_240")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--duration", type=int, default=15, help="seconds per load run")
-    parser.add_argument("--precisions", nargs="+", choices=sorted(MODES), default=["fp32", "bf16"])
+    parser.add_argument("--systems", nargs="+", choices=["ours", "litserve", "naive"],
+                        default=["ours", "litserve", "naive"])
     parser.add_argument("--port", type=int, default=8390)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -168,47 +210,61 @@ def main() -> None:
         pre_ms = preprocess_ms(args.variant, image.read_bytes())
         print(f"# {args.variant}, torch {torch.__version__}, {threads} threads; wrk -t1, {args.duration} s per run")
         print(f"preprocessing one 640x480 JPEG: {pre_ms:.2f} ms (median, one thread)\n")
-        rows = []
-        for precision in args.precisions:
-            mode = MODES[precision]
-            samples: dict[int, list[float]] = {1: [], MAX_BATCH: []}
-            sample_model_only(samples, args.variant, weights, mode)
-            served = measure_server(
-                [sys.executable, "-m", "service.cli"],
-                {"CROSSVIT_MODEL": args.variant, "CROSSVIT_WEIGHTS": str(weights), "CROSSVIT_PRECISION": precision,
-                 "CROSSVIT_PORT": str(args.port), "CROSSVIT_LOG_LEVEL": "warning"},
-                image, args, args.port,
-            )
-            sample_model_only(samples, args.variant, weights, mode)
-            naive = measure_server(
-                [sys.executable, str(ROOT / "bench" / "naive_server.py"), "--variant", args.variant,
-                 "--weights", str(weights), "--precision", precision, "--port", str(args.port + 1)],
-                {}, image, args, args.port + 1,
-            )
-            sample_model_only(samples, args.variant, weights, mode)
-            print(f"  model-only img/s samples: {samples}", file=sys.stderr, flush=True)
-            only = {b: statistics.median(values) for b, values in samples.items()}
-            forward_b1_ms = 1000 / only[1]
-            rows.append((precision, only, forward_b1_ms, served, naive))
+        served: list[Served] = []
+        only: dict[str, dict[int, list[float]]] = {}  # served mode -> batch -> samples
 
-        print("| precision | c | served img/s | p50 ms | p99 ms | non-200 | model-only img/s (batch) "
-              "| served / model-only | naive img/s | naive p50 ms | served / naive |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for precision, only, _, served, naive in rows:
-            for c in args.concurrency:
-                s, n = served[c], naive[c]
-                batch = 1 if c == 1 else MAX_BATCH
-                print(f"| {precision} | {c} | {s.rps:.1f} | {s.p50_ms:.1f} | {s.p99_ms:.1f} | {s.non_200} "
-                      f"| {only[batch]:.1f} (b={batch}) | {s.rps / only[batch]:.2f} | {n.rps:.1f} | {n.p50_ms:.1f} "
-                      f"| {s.rps / n.rps:.2f} |")
-        print()
-        for precision, only, forward_b1_ms, served, naive in rows:
-            top = max(args.concurrency)
-            budget = pre_ms + forward_b1_ms + 5
-            print(f"{precision}: served/model-only at c={top}: {served[top].rps / only[MAX_BATCH]:.3f} (goal >= 0.92); "
-                  f"served/naive at c={top}: {served[top].rps / naive[top].rps:.2f} (goal >= 1.5); "
-                  f"p50 at c=1: {served[1].p50_ms:.1f} ms vs preprocessing {pre_ms:.1f} + forward(b=1) "
-                  f"{forward_b1_ms:.1f} + 5 = {budget:.1f} ms ({'met' if served[1].p50_ms <= budget else 'missed'})")
+        def sample(modes: list[str]) -> None:
+            for mode in modes:
+                for batch in (1, MAX_BATCH):
+                    value = model_only_openvino(args.variant, weights, mode.split("-", 1)[1], batch)
+                    only.setdefault(mode, {}).setdefault(batch, []).append(value)
+
+        if "ours" in args.systems:
+            for precision in ("fp32", "auto"):
+                served.append(_ours(precision, weights, args, image))
+            ours_modes = sorted({s.mode for s in served})
+            sample(ours_modes)
+        for name in ("litserve", "naive"):
+            if name in args.systems:
+                for precision in ("fp32", "bf16"):
+                    served.append(_peer(name, precision, weights, args, image))
+                if "ours" in args.systems:
+                    sample(ours_modes)
+        print(f"  model-only img/s samples: {only}", file=sys.stderr, flush=True)
+        _report(served, {m: {b: statistics.median(v) for b, v in bs.items()} for m, bs in only.items()}, pre_ms, args)
+
+
+def _report(served: list[Served], only: dict[str, dict[int, float]], pre_ms: float, args: argparse.Namespace) -> None:
+    cores = os.cpu_count() or 1
+    print("| system | mode | c | img/s | p50 ms | p99 ms | non-200 |")
+    print("|---|---|---|---|---|---|---|")
+    for s in served:
+        for c, r in s.runs.items():
+            print(f"| {s.label} | {s.mode} | {c} | {r.rps:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.non_200} |")
+    print()
+    by_label = {s.label: s for s in served}
+    top = max(args.concurrency)
+    for mode, rates in only.items():
+        # what the cores could do if they only ran the model and decoded: per image, model time
+        # on every core plus preprocessing time spread over the cores
+        ceiling = 1 / (1 / rates[MAX_BATCH] + pre_ms / 1000 / cores)
+        print(f"model-only {mode}: {rates[1]:.1f} img/s at batch 1, {rates[MAX_BATCH]:.1f} at batch {MAX_BATCH}; "
+              f"with preprocessing on {cores} cores: {ceiling:.1f} img/s")
+        for s in served:
+            if s.label.startswith("ours") and s.mode == mode and top in s.runs:
+                print(f"  {s.label}: served / (model-only + preprocessing) at c={top}: "
+                      f"{s.runs[top].rps / ceiling:.3f} (goal >= 0.92)")
+    goals = [("ours fp32", "litserve fp32", 1.5), ("ours auto", "litserve bf16", 1.25),
+             ("ours fp32", "naive fp32", None), ("ours auto", "naive bf16", None)]
+    for ours, peer, goal in goals:
+        if ours in by_label and peer in by_label and top in by_label[ours].runs:
+            ratio = by_label[ours].runs[top].rps / by_label[peer].runs[top].rps
+            print(f"{ours} / {peer} at c={top}: {ratio:.2f}x" + (f" (goal >= {goal})" if goal else ""))
+    for label in ("ours auto", "ours fp32"):
+        if label in by_label and 1 in by_label[label].runs:
+            print(f"{label} p50 at c=1: {by_label[label].runs[1].p50_ms:.1f} ms"
+                  + (" (goal <= 25 ms)" if label == "ours auto" else ""))
+    print(f"non-200 responses, all runs: {sum(r.non_200 for s in served for r in s.runs.values())}")
 
 
 if __name__ == "__main__":

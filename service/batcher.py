@@ -35,7 +35,7 @@ class WorkerOutput:
 class Pending:
     """One image waiting for a worker; its request awaits `future`."""
 
-    branches: tuple[Tensor, Tensor]
+    pixels: Tensor  # (3, H, W): branch 0's input; the worker derives branch 1's
     future: asyncio.Future[WorkerOutput]
     enqueued_at: float = field(default_factory=time.monotonic)
     attempts: int = 0  # dispatches so far; a worker crash allows one retry

@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from .app import WORKER_STOP_TIMEOUT_S, create_app
+from .app import WORKER_STOP_TIMEOUT_S, create_app, prepare
 from .engine import Engine
 from .logs import configure_logging
 from .settings import ENV_PREFIX, Settings, describe_validation_error
@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, options in _FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **options)  # type: ignore[arg-type]
     parser.add_argument("--allow-random-weights", action="store_true", default=None)
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="resolve the weights and fill the converted-model cache (CACHE_DIR), then exit: "
+                             "for image builds and init containers")
     return parser
 
 
@@ -93,7 +96,8 @@ def _warn_unknown_env(settings_fields: set[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    prepare_only = args.prepare_only
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "prepare_only"}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     _warn_unknown_env(set(Settings.model_fields))
+    if prepare_only:
+        return prepare(settings)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

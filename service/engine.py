@@ -133,7 +133,7 @@ class Engine:
         self._executor = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
         self._pool = WorkerPool(
             config.replicas,
-            branch_sizes=config.input_spec.branch_sizes,
+            input_size=config.input_spec.crop_size,
             num_classes=len(config.labels),
             metrics=metrics,
             wake=lambda: self._batcher.wake(),
@@ -260,7 +260,7 @@ class Engine:
                 if prepared is None:
                     raise expired("preprocessing")
                 loop = asyncio.get_running_loop()
-                pending = [Pending(p.branches, loop.create_future()) for p in prepared]
+                pending = [Pending(p.pixels, loop.create_future()) for p in prepared]
                 self._reserved -= reserved
                 reserved = 0
                 self._batcher.queue.put(pending)

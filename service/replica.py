@@ -1,8 +1,8 @@
-"""The worker process: one model replica, fed batches through shared-memory slots.
+"""The worker process: one model replica on its backend, fed batches through shared-memory slots.
 
-The parent writes a batch's per-branch tensors into one of this worker's slots and sends
-("run", batch_id, slot, n, threads); the replica writes both branches' logits into the same slot and
-answers ("done", batch_id, slot, seconds). Only these small tuples cross the pipe.
+The parent writes a batch's branch-0 inputs into one of this worker's slots and sends
+("run", batch_id, slot, n, threads); the replica writes both branches' logits into the same slot
+and answers ("done", batch_id, slot, seconds). Only these small tuples cross the pipe.
 """
 
 from __future__ import annotations
@@ -12,20 +12,19 @@ import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from model.runtime import Mode, Runner, bf16_is_fast, logit_cosine, prepare
 from model.variants import create_model, get_variant
 
-__all__ = ["ReplicaSpec", "Slots", "choose_mode", "main", "precision_guard"]
+from .backends import Backend, Built, Probe, build_openvino, build_torch, cache_key
+
+__all__ = ["ReplicaSpec", "Slots", "build_backend", "main"]
 
 logger = logging.getLogger(__name__)
-
-GUARD_COSINE = 0.9999  # worst per-image logit cosine to fp32 a reduced precision must keep
-GUARD_PROBE_IMAGES = 4
 
 
 @dataclass(frozen=True)
@@ -35,107 +34,94 @@ class ReplicaSpec:
     worker_id: int
     variant: str
     weights: str | None  # checkpoint file; None: random init (the parent already warned)
+    weights_sha256: str  # of that file, as the parent verified it: names the converted-model cache entry
     device: str
+    backend: str  # torch or openvino (resolved by the parent)
+    backend_fallback: bool  # may fall back to torch when the backend cannot start (backend=auto)
     precision: str  # auto, fp32, bf16, fp16
     threads: int
+    thread_options: tuple[int, ...]  # every thread count the parent may send with a batch
     max_batch_size: int
+    cache_dir: str | None = None  # converted models; None: convert at every start
     log_level: str = "info"
     log_format: str = "text"
 
 
 @dataclass
 class Slots:
-    """One worker's shared-memory buffers: S slots of up to B images per branch, and logits."""
+    """One worker's shared-memory buffers: S slots of up to B images, and both branches' logits."""
 
-    x0: Tensor  # (S, B, 3, H0, H0)
-    x1: Tensor  # (S, B, 3, H1, H1)
+    x: Tensor  # (S, B, 3, H, H): branch 0's input
     logits: Tensor  # (S, B, 2, C): branch 0 and branch 1 logits
 
     @classmethod
-    def allocate(cls, slots: int, batch: int, sizes: tuple[int, int], num_classes: int) -> Slots:
+    def allocate(cls, slots: int, batch: int, size: int, num_classes: int) -> Slots:
         return cls(
-            x0=torch.zeros(slots, batch, 3, sizes[0], sizes[0]).share_memory_(),  # type: ignore[no-untyped-call]
-            x1=torch.zeros(slots, batch, 3, sizes[1], sizes[1]).share_memory_(),  # type: ignore[no-untyped-call]
+            x=torch.zeros(slots, batch, 3, size, size).share_memory_(),  # type: ignore[no-untyped-call]
             logits=torch.zeros(slots, batch, 2, num_classes).share_memory_(),  # type: ignore[no-untyped-call]
         )
 
     @property
     def count(self) -> int:
-        return int(self.x0.shape[0])
+        return int(self.x.shape[0])
 
 
-def choose_mode(precision: str, device: torch.device) -> Mode:
-    """Map the setting to a compute mode; `auto` takes the fastest mode the benchmarks showed."""
-    if precision == "fp32":
-        return Mode.FP32
-    if precision == "bf16":
-        return Mode.BF16_AUTOCAST
-    if precision == "fp16":
-        return Mode.FP16_AUTOCAST
-    if device.type == "cuda":
-        return Mode.BF16_AUTOCAST if torch.cuda.is_bf16_supported() else Mode.FP16_AUTOCAST
-    # CPU: bf16 autocast is 1.4-2x fp32 where the CPU has native bf16 (bench/README.md)
-    return Mode.BF16_AUTOCAST if bf16_is_fast() else Mode.FP32
+def build_backend(spec: ReplicaSpec, device: torch.device) -> tuple[Built, dict[str, Any]]:
+    """Load the weights and admit the fastest mode of the spec's backend that passes its check."""
+    model = create_model(spec.variant, weights=spec.weights)
+    probe = Probe.of(model)  # PyTorch fp32 on the CPU: the yardstick of every mode
+    if spec.backend == "openvino":
+        try:
+            return build_openvino(
+                model, key=cache_key(get_variant(spec.variant).name, spec.weights_sha256),
+                cache_dir=None if spec.cache_dir is None else Path(spec.cache_dir),
+                precision=spec.precision, threads=spec.thread_options, probe=probe,
+            )
+        except Exception as exc:
+            if not spec.backend_fallback:
+                raise
+            logger.warning("OpenVINO backend failed to start; falling back to PyTorch",
+                           extra={"worker": spec.worker_id, "error": f"{type(exc).__name__}: {exc}"})
+    return build_torch(model, spec.precision, device, probe), {}
 
 
-def precision_guard(runner: Runner, sizes: tuple[int, int]) -> tuple[Mode, float]:
-    """Keep a reduced precision only if its logits stay within GUARD_COSINE of fp32's.
-
-    For autocast modes (fp32 weights), so falling back costs nothing.
-    """
-    if runner.mode is Mode.FP32:
-        return Mode.FP32, 1.0
-    generator = torch.Generator().manual_seed(0)
-    probe = [torch.randn(GUARD_PROBE_IMAGES, 3, s, s, generator=generator) for s in sizes]
-    candidate = torch.stack(runner(probe)).mean(0)
-    mode = runner.mode
-    runner.mode = Mode.FP32
-    reference = torch.stack(runner(probe)).mean(0)
-    cosine = logit_cosine(reference, candidate)
-    runner.mode = mode if cosine >= GUARD_COSINE else Mode.FP32
-    return runner.mode, cosine
-
-
-def _build(spec: ReplicaSpec, slots: Slots) -> tuple[Runner, dict[str, Any]]:
+def _build(spec: ReplicaSpec, slots: Slots) -> tuple[Backend, dict[str, Any]]:
     started = time.perf_counter()
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model = create_model(spec.variant, weights=spec.weights)
-    requested = choose_mode(spec.precision, device)
-    runner = prepare(model, requested, device)
-    sizes = model.config.img_size
-    mode, cosine = precision_guard(runner, sizes)
-    if mode is not requested:
+    built, details = build_backend(spec, device)
+    backend = built.backend
+    for mode, agreement in built.rejected:
         logger.warning(
-            "reduced precision failed the accuracy guard; falling back to fp32",
-            extra={"worker": spec.worker_id, "mode": requested.value, "cosine": round(cosine, 6)},
+            "a faster mode failed the accuracy check; using the next one",
+            extra={"worker": spec.worker_id, "backend": backend.name, "mode": mode,
+                   "cosine": round(agreement.cosine, 7), "rel_err": f"{agreement.rel_err:.2e}"},
         )
     if device.type == "cuda":
         _pin(slots)
-    for n in range(1, spec.max_batch_size + 1):  # every batch size this worker will see
-        runner((slots.x0[0, :n], slots.x1[0, :n]))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    backend.warm_up(slots.x[0])  # every batch size (and thread count) this worker will see
     info = {
-        "mode": mode.value,
-        "requested_mode": requested.value,
-        "guard_cosine": round(cosine, 6),
+        "backend": backend.name,
+        "mode": backend.mode,
+        "requested_mode": built.requested,
+        "guard_cosine": round(backend.agreement.cosine, 7),
+        "rel_err": float(f"{backend.agreement.rel_err:.3g}"),
         "device": str(device),
-        "threads": torch.get_num_threads(),
+        "threads": spec.threads,
         "startup_s": round(time.perf_counter() - started, 3),
+        **details,
     }
-    return runner, info
+    return backend, info
 
 
 def _pin(slots: Slots) -> None:
     """Page-lock the shared input slots so host-to-device copies can be asynchronous."""
     cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-    for t in (slots.x0, slots.x1):
-        cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    cudart.cudaHostRegister(slots.x.data_ptr(), slots.x.numel() * slots.x.element_size(), 0)
 
 
-def _serve(spec: ReplicaSpec, conn: Connection, slots: Slots, runner: Runner) -> None:
+def _serve(spec: ReplicaSpec, conn: Connection, slots: Slots, backend: Backend) -> None:
     while True:
         try:
             message = conn.recv()
@@ -143,14 +129,10 @@ def _serve(spec: ReplicaSpec, conn: Connection, slots: Slots, runner: Runner) ->
             return  # the parent is gone: nothing left to serve
         if message[0] == "stop":
             return
-        _, batch_id, slot, n, threads = message
-        if threads != torch.get_num_threads():  # the parent shares the cores among busy workers
-            torch.set_num_threads(threads)
+        _, batch_id, slot, n, threads = message  # threads: the parent shares the cores among busy workers
         started = time.perf_counter()
         try:
-            b0, b1 = runner((slots.x0[slot, :n], slots.x1[slot, :n]))
-            slots.logits[slot, :n, 0].copy_(b0)
-            slots.logits[slot, :n, 1].copy_(b1)
+            slots.logits[slot, :n].copy_(backend(slots.x[slot, :n], threads))
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             conn.send(("failed", batch_id, slot, f"out of device memory: {exc}"))
@@ -174,11 +156,11 @@ def main(spec: ReplicaSpec, conn: Connection, slots: Slots) -> None:
     except RuntimeError:
         pass  # already set by an earlier torch call in this process
     try:
-        runner, info = _build(spec, slots)
+        backend, info = _build(spec, slots)
     except Exception as exc:  # reported to the parent, which restarts with backoff
         logger.exception("worker failed to start", extra={"worker": spec.worker_id})
         conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
     logger.info("worker ready", extra={"worker": spec.worker_id, **info, "variant": get_variant(spec.variant).name})
     conn.send(("ready", info))
-    _serve(spec, conn, slots, runner)
+    _serve(spec, conn, slots, backend)

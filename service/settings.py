@@ -31,6 +31,10 @@ class Settings(BaseSettings):
 
     # devices and workers
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    backend: Literal["auto", "torch", "openvino"] = Field(
+        "auto", description="auto: OpenVINO for CPU workers where installed, PyTorch for CUDA"
+    )
+    cache_dir: Path | None = Field(None, description="converted models; default: <weights_dir>/.cache/models")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     workers: int | Literal["auto"] = Field("auto", description="worker processes per device")
     threads_per_worker: int | Literal["auto"] = Field("auto", description="torch threads in each CPU worker")
@@ -89,6 +93,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.backend == "openvino" and self.device.startswith("cuda"):
+            raise ValueError("backend openvino runs CPU workers only; use torch (or auto) with a CUDA device")
+        if self.backend == "openvino" and self.precision == "fp16":
+            raise ValueError("backend openvino runs fp32 or bf16; fp16 needs the torch backend")
         if self.max_images_per_request > self.max_queue:
             raise ValueError(
                 f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queue "

@@ -26,7 +26,7 @@ from .errors import WorkerFailedError
 from .metrics import Metrics
 from .replica import ReplicaSpec, Slots
 
-__all__ = ["WorkerPool", "WorkerState"]
+__all__ = ["WorkerPool", "WorkerState", "shared_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,13 @@ SLOTS_PER_WORKER = 2  # one batch computing while the next is already staged
 MAX_ATTEMPTS = 2  # a crash allows one retry on another worker
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 30.0
 STABLE_AFTER_S = 60.0  # a worker up this long resets the backoff
+
+
+def shared_threads(threads: int, cpu_budget: int | None, busy: int) -> int:
+    """Threads for a CPU batch when `busy` CPU workers compute: the idle workers' cores are lent."""
+    if cpu_budget is None:
+        return threads
+    return max(threads, cpu_budget // max(1, busy))
 
 
 class WorkerState(str, enum.Enum):
@@ -73,7 +80,7 @@ class WorkerPool:
         self,
         specs: list[ReplicaSpec],
         *,
-        branch_sizes: tuple[int, int],
+        input_size: int,
         num_classes: int,
         metrics: Metrics,
         wake: Callable[[], None],
@@ -83,7 +90,7 @@ class WorkerPool:
     ) -> None:
         self._ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
         self._workers = [
-            _Worker(spec, Slots.allocate(SLOTS_PER_WORKER, spec.max_batch_size, branch_sizes, num_classes))
+            _Worker(spec, Slots.allocate(SLOTS_PER_WORKER, spec.max_batch_size, input_size, num_classes))
             for spec in specs
         ]
         self._metrics = metrics
@@ -126,7 +133,7 @@ class WorkerPool:
                 "batches_in_flight": len(w.in_flight),
                 "restarts": w.restarts,
                 "last_error": w.last_error,
-                **{k: w.info[k] for k in ("mode", "guard_cosine", "startup_s") if k in w.info},
+                **{k: w.info[k] for k in ("backend", "mode", "guard_cosine", "rel_err", "startup_s") if k in w.info},
             }
             for w in self._workers
         ]
@@ -201,8 +208,7 @@ class WorkerPool:
         slot = worker.free_slots.pop()
         now = time.monotonic()
         for i, item in enumerate(batch):
-            worker.slots.x0[slot, i].copy_(item.branches[0])
-            worker.slots.x1[slot, i].copy_(item.branches[1])
+            worker.slots.x[slot, i].copy_(item.pixels)
             item.attempts += 1
             self._metrics.queue_wait.observe(now - item.enqueued_at)
         record = _Batch(next(self._batch_ids), slot, batch, now)
@@ -215,10 +221,10 @@ class WorkerPool:
             pass  # the worker is dying; its sentinel fires next and retries these images
 
     def _threads_for(self, worker: _Worker) -> int:
-        if self._cpu_budget is None or worker.spec.device != "cpu":
+        if worker.spec.device != "cpu":
             return worker.spec.threads
         busy = sum(1 for w in self._workers if w.spec.device == "cpu" and w.in_flight)
-        return max(worker.spec.threads, self._cpu_budget // max(1, busy))
+        return shared_threads(worker.spec.threads, self._cpu_budget, busy)
 
     # -- messages and deaths ------------------------------------------------------------------
     def _on_readable(self, worker: _Worker) -> None:

@@ -79,17 +79,39 @@ def run_server(**overrides: Any) -> Iterator[str]:
         sock.close()
 
 
+BACKENDS = ["openvino", "torch"]
+
+
+def _main_server(reference: Reference, backend: str) -> Iterator[str]:
+    """fp32, so that served logits can be compared with timm's; two workers."""
+    with run_server(weights=str(reference.checkpoint), precision="fp32", workers=2, threads_per_worker=1,
+                    max_batch_size=4, backend=backend) as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def server(reference: Reference) -> Iterator[str]:
-    """The main test server: fp32 so that served logits can be compared with timm's, two workers."""
-    with run_server(weights=str(reference.checkpoint), precision="fp32", workers=2, threads_per_worker=1,
-                    max_batch_size=4) as url:
-        yield url
+    """The main test server, on the default CPU backend (OpenVINO)."""
+    yield from _main_server(reference, "openvino")
+
+
+@pytest.fixture(scope="session")
+def torch_server(reference: Reference) -> Iterator[str]:
+    """The same server on the PyTorch backend, for the tests that must hold on both."""
+    yield from _main_server(reference, "torch")
 
 
 @pytest.fixture
 def client(server: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_client(request: pytest.FixtureRequest) -> Iterator[httpx.Client]:
+    """A client of the main server on each backend in turn (numerics, batching)."""
+    url = request.getfixturevalue("server" if request.param == "openvino" else "torch_server")
+    with httpx.Client(base_url=url, timeout=60) as c:
         yield c
 
 

@@ -63,9 +63,9 @@ def _served_logits(client: httpx.Client, data: bytes, content_type: str) -> torc
 
 @pytest.mark.parametrize(("name", "data", "content_type"), CASES, ids=[c[0] for c in CASES])
 def test_served_logits_match_timm_pipeline(
-    client: httpx.Client, reference: Reference, name: str, data: bytes, content_type: str
+    backend_client: httpx.Client, reference: Reference, name: str, data: bytes, content_type: str
 ) -> None:
-    served = _served_logits(client, data, content_type)
+    served = _served_logits(backend_client, data, content_type)
     expected = _timm_logits(reference, data)
     assert F.cosine_similarity(served, expected, dim=0) >= 0.999
     assert int(served.argmax()) == int(expected.argmax())
@@ -99,7 +99,8 @@ def test_labels_are_imagenet_names(client: httpx.Client) -> None:
     assert labels[281] == "tabby, tabby cat" and labels[0] == "tench, Tinca tinca"
 
 
-def test_many_images_keep_their_order_and_results(client: httpx.Client) -> None:
+def test_many_images_keep_their_order_and_results(backend_client: httpx.Client) -> None:
+    client = backend_client
     names = [c[0] for c in CASES[:5]]
     files = [("images", (c[0], c[1], c[2])) for c in CASES[:5]]
     batch = client.post("/v1/classify", params={"top_k": 3}, files=files).json()["results"]
@@ -172,6 +173,8 @@ def test_models_reports_variant_weights_and_serving(client: httpx.Client, refere
     }
     assert card["labels"] == 1000 and card["worker_count"] == 2 and card["devices"] == ["cpu"]
     assert card["precision"] == ["fp32", "fp32"]
+    assert [w["backend"] for w in card["workers"]] == ["openvino", "openvino"]
+    assert all(w["guard_cosine"] >= 0.99999 and w["rel_err"] <= 1e-4 for w in card["workers"])
     assert card["batching"]["max_batch_size"] == 4
     assert all(w["state"] == "ready" and w["pid"] for w in card["workers"])
     assert card["config"]["embed_dim"] == [96, 192]

@@ -14,7 +14,7 @@ import torch
 
 from service.batcher import Batcher, Pending
 
-BRANCHES = (torch.zeros(3, 4, 4), torch.zeros(3, 2, 2))
+PIXELS = torch.zeros(3, 4, 4)
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin (installed with Starlette) runs the coroutines
 
 
@@ -41,7 +41,7 @@ class ScriptedPool:
 
 def _pending(n: int) -> list[Pending]:
     loop = asyncio.get_running_loop()
-    return [Pending(BRANCHES, loop.create_future()) for _ in range(n)]
+    return [Pending(PIXELS, loop.create_future()) for _ in range(n)]
 
 
 async def test_an_idle_worker_takes_what_is_there_at_once() -> None:

@@ -79,3 +79,18 @@ def test_pretrained_weights_have_no_random_flag(tmp_path: Path, reference: Refer
         assert "X-Model-Pretrained" not in response.headers
         assert response.json()["weights"]["pretrained"] is True
     assert "sekret-key-123" not in server.log()  # keys never reach the logs
+
+
+def test_prepare_only_fills_the_model_cache_that_serving_then_loads(tmp_path: Path, reference: Reference) -> None:
+    cache = tmp_path / "model-cache"
+    settings = {"weights": str(reference.checkpoint), "cache_dir": str(cache), "backend": "openvino",
+                "log_format": "json"}
+    result = subprocess.run([sys.executable, "-m", "service.cli", "--prepare-only"],
+                            env=cli_env(tmp_path, **settings), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in cache.glob("crossvit_tiny_240-*") if p.is_dir()], list(cache.iterdir())
+    with start_cli(tmp_path, workers=1, **settings) as server:
+        assert httpx.post(f"{server.url}/v1/classify", content=JPEG,
+                          headers={"Content-Type": "image/jpeg"}).status_code == 200
+    ready = [json.loads(line) for line in server.log().splitlines() if '"worker ready"' in line]
+    assert ready and ready[0]["model_source"] == "cache" and ready[0]["backend"] == "openvino", server.log()

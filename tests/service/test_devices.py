@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from model.runtime import Mode
+from service.backends.pytorch_runtime import choose_mode
 from service.devices import plan_workers, usable_cpus
-from service.replica import choose_mode
 from tests.conftest import Reference, run_server
 from tests.photos import encode, photo
 

@@ -16,14 +16,21 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor
 
 from model.variants import get_variant
 from service.errors import ImageTooLargeError, InvalidImageError, ServiceError, UnsupportedMediaTypeError
-from service.preprocess import ALLOWED_FORMATS, BACKGROUND, MAX_RESIZE_ASPECT, InputSpec, Preprocessed, preprocess
+from service.preprocess import (
+    ALLOWED_FORMATS,
+    BACKGROUND,
+    MAX_RESIZE_ASPECT,
+    InputSpec,
+    Preprocessed,
+    _resize_crop,
+    preprocess,
+)
 from tests.photos import encode, jpeg_with_orientation, photo, resized
 
 Transform = Callable[[Image.Image], Tensor]
@@ -107,9 +114,8 @@ def test_branch0_matches_timm_eval_transform(
 
     result = run(data, spec, index=0)
 
-    x0, x1 = result.branches
-    assert x0.shape == (3, 240, 240) and x1.shape == (3, 224, 224)
-    assert x0.dtype == x1.dtype == torch.float32 and x0.is_contiguous() and x1.is_contiguous()
+    x0 = result.pixels
+    assert x0.shape == (3, 240, 240) and x0.dtype == torch.float32 and x0.is_contiguous()
     assert max_diff(x0, reference(oracle, data)) <= EXACT
     assert (result.width, result.height, result.format) == (*image.size, pil_format)
 
@@ -122,13 +128,7 @@ def test_grayscale_matches_timm(
     image = photo("camera") if SIZES[size] is None else resized(photo("camera"), *SIZES[size])  # type: ignore[misc]
     assert image.mode == "L"
     data = encode(image, pil_format, **options)
-    assert max_diff(run(data, spec).branches[0], reference(oracle, data)) <= EXACT
-
-
-def test_branch1_is_the_models_own_bicubic_resize(spec: InputSpec) -> None:
-    x0, x1 = run(encode(photo("coffee"), "JPEG"), spec).branches
-    expected = F.interpolate(x0[None], size=(224, 224), mode="bicubic", align_corners=False)[0]
-    assert torch.equal(x1, expected)
+    assert max_diff(run(data, spec).pixels, reference(oracle, data)) <= EXACT
 
 
 @pytest.mark.parametrize(("name", "size", "pil_format"), [
@@ -138,11 +138,25 @@ def test_408_variant_matches_timm(name: str, size: tuple[int, int] | None, pil_f
     spec408 = InputSpec.from_variant(get_variant("crossvit_15_dagger_408"))
     data = encode(photo(name) if size is None else resized(photo(name), *size), pil_format)
 
-    x0, x1 = run(data, spec408).branches
+    x0 = run(data, spec408).pixels
 
-    assert x0.shape == (3, 408, 408) and x1.shape == (3, 384, 384)
+    assert x0.shape == (3, 408, 408)
     assert max_diff(x0, reference(timm_transform("crossvit_15_dagger_408"), data)) <= EXACT
-    assert torch.equal(x1, F.interpolate(x0[None], size=(384, 384), mode="bicubic", align_corners=False)[0])
+
+
+@pytest.mark.parametrize("size", [
+    (640, 480), (480, 640), (1024, 768), (1600, 1200), (300, 280), (275, 400), (800, 200), (240, 3000),
+    (274, 500), (600, 274), (241, 241), (250, 260), (2000, 3000),
+])
+@pytest.mark.parametrize("name", ["chelsea", "astronaut", "rocket"])
+def test_resize_crop_is_bit_identical_to_resize_then_crop(name: str, size: tuple[int, int]) -> None:
+    """_resize_crop resamples only what the crop reads; PIL's full resize, cropped, is the oracle."""
+    image = resized(photo(name), *size).convert("RGB")
+    width, height = image.size
+    full = (274, int(274 * height / width)) if width <= height else (int(274 * width / height), 274)
+    top, left = int(round((full[1] - 240) / 2.0)), int(round((full[0] - 240) / 2.0))
+    expected = np.asarray(image.resize(full, Image.Resampling.BICUBIC))[top:top + 240, left:left + 240]
+    assert np.array_equal(_resize_crop(image, full, (left, top), 240), expected)
 
 
 def test_multi_picture_jpeg_is_a_jpeg(spec: InputSpec, oracle: Transform) -> None:
@@ -151,7 +165,7 @@ def test_multi_picture_jpeg_is_a_jpeg(spec: InputSpec, oracle: Transform) -> Non
         assert image.format == "MPO"  # what many phone cameras write
     result = run(data, spec)
     assert result.format == "JPEG"
-    assert max_diff(result.branches[0], reference(oracle, data)) <= EXACT
+    assert max_diff(result.pixels, reference(oracle, data)) <= EXACT
 
 
 @pytest.mark.parametrize(("pil_format", "options"), [
@@ -163,7 +177,7 @@ def test_first_frame_is_used(pil_format: str, options: dict[str, object], spec: 
     with Image.open(io.BytesIO(data)) as image:
         assert image.n_frames == 2
 
-    x0 = run(data, spec).branches[0]
+    x0 = run(data, spec).pixels
 
     assert max_diff(x0, reference(oracle, data)) <= EXACT
     assert max_diff(x0, oracle(second)) > 1.0
@@ -171,9 +185,9 @@ def test_first_frame_is_used(pil_format: str, options: dict[str, object], spec: 
 
 def test_concurrent_calls_give_the_sequential_results(spec: InputSpec) -> None:
     inputs = [encode(resized(photo(n), 640, 480), f) for n in PHOTOS for f in ("JPEG", "PNG")]
-    sequential = [run(data, spec).branches[0] for data in inputs]
+    sequential = [run(data, spec).pixels for data in inputs]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        concurrent = list(pool.map(lambda data: run(data, spec).branches[0], inputs * 2))
+        concurrent = list(pool.map(lambda data: run(data, spec).pixels, inputs * 2))
     assert all(torch.equal(a, b) for a, b in zip(concurrent, sequential * 2, strict=True))
 
 
@@ -285,7 +299,7 @@ def test_alpha_is_composited_on_white(mode: str, pil_format: str, spec: InputSpe
     with Image.open(io.BytesIO(data)) as stored:
         assert stored.mode == mode
 
-    x0 = run(data, spec).branches[0]
+    x0 = run(data, spec).pixels
 
     assert max_diff(x0, oracle(composited(image))) <= EXACT
     assert max_diff(x0[:, :, :90], white(spec)[:, :, :90]) <= EXACT  # the transparent half, away from the edge
@@ -304,7 +318,7 @@ def test_palette_transparency_is_composited_on_white(pil_format: str, spec: Inpu
     with Image.open(io.BytesIO(data)) as stored:
         assert stored.mode == "P" and "transparency" in stored.info
 
-    x0 = run(data, spec).branches[0]
+    x0 = run(data, spec).pixels
 
     assert max_diff(x0, oracle(composited(paletted))) <= EXACT
     assert max_diff(x0[:, :, :90], white(spec)[:, :, :90]) <= EXACT
@@ -314,7 +328,7 @@ def test_palette_transparency_is_composited_on_white(pil_format: str, spec: Inpu
 def test_fully_transparent_image_is_white(spec: InputSpec) -> None:
     noise = np.random.default_rng(1).integers(0, 256, (300, 400, 4), dtype=np.uint8)
     noise[..., 3] = 0
-    x0 = run(encode(Image.fromarray(noise), "PNG"), spec).branches[0]
+    x0 = run(encode(Image.fromarray(noise), "PNG"), spec).pixels
     assert max_diff(x0, white(spec)) <= EXACT
 
 
@@ -325,7 +339,7 @@ def test_modes_pil_converts_match_timm(mode: str, pil_format: str, spec: InputSp
     data = encode(photo("astronaut").convert(mode), pil_format)
     with Image.open(io.BytesIO(data)) as stored:
         assert stored.mode == (mode if pil_format != "WEBP" else "RGB")
-    assert max_diff(run(data, spec).branches[0], reference(oracle, data)) <= EXACT
+    assert max_diff(run(data, spec).pixels, reference(oracle, data)) <= EXACT
 
 
 def gradient16() -> np.ndarray:
@@ -345,7 +359,7 @@ def test_16_bit_gray_is_scaled_not_clipped(pil_format: str, spec: InputSpec, ora
     with Image.open(io.BytesIO(data)) as stored:
         assert stored.mode.startswith("I;16")
 
-    x0 = run(data, spec).branches[0]
+    x0 = run(data, spec).pixels
 
     assert max_diff(x0, oracle(as_8bit(values))) <= EXACT
     assert max_diff(x0, reference(oracle, data)) > 1.0  # PIL's convert clips everything above 255 to white
@@ -359,7 +373,7 @@ def test_mode_i_is_read_as_16_bit_and_clipped(spec: InputSpec, oracle: Transform
     with Image.open(io.BytesIO(data)) as stored:
         assert stored.mode == "I"
     expected = as_8bit(np.clip(values, 0, 65535))
-    assert max_diff(run(data, spec).branches[0], oracle(expected)) <= EXACT
+    assert max_diff(run(data, spec).pixels, oracle(expected)) <= EXACT
 
 
 @pytest.mark.parametrize("scale", [1.0, 1000.0])
@@ -370,7 +384,7 @@ def test_float_images(scale: float, spec: InputSpec, oracle: Transform) -> None:
         assert stored.mode == "F"
     eight_bit = values * 255 if scale == 1.0 else np.clip(values, 0, 255)  # [0, 1] is scaled; else clipped
     expected = Image.fromarray(np.rint(eight_bit).astype(np.uint8)).convert("RGB")
-    assert max_diff(run(data, spec).branches[0], oracle(expected)) <= EXACT
+    assert max_diff(run(data, spec).pixels, oracle(expected)) <= EXACT
 
 
 # -- EXIF orientation and draft mode ---------------------------------------------------------------
@@ -390,7 +404,7 @@ def test_exif_orientation(
         assert stored.size == (451, 300)
         upright = stored.convert("RGB") if rotation is None else stored.convert("RGB").transpose(rotation)
     assert (result.width, result.height) == ((300, 451) if orientation in (6, 8) else (451, 300))
-    assert max_diff(result.branches[0], oracle(upright)) <= EXACT
+    assert max_diff(result.pixels, oracle(upright)) <= EXACT
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +415,7 @@ def camera_jpeg() -> bytes:
 def test_draft_mode_stays_within_the_measured_bound(camera_jpeg: bytes, spec: InputSpec) -> None:
     drafted, full = run(camera_jpeg, spec), run(camera_jpeg, spec, draft=False)
 
-    delta = (drafted.branches[0] - full.branches[0]).abs()
+    delta = (drafted.pixels - full.pixels).abs()
     assert 0 < float(delta.max()) <= DRAFT_MAX_ABS  # > 0: draft mode did engage
     assert float(delta.mean()) <= DRAFT_MEAN_ABS
     assert (drafted.width, drafted.height) == (full.width, full.height) == (4000, 3000)
@@ -409,14 +423,14 @@ def test_draft_mode_stays_within_the_measured_bound(camera_jpeg: bytes, spec: In
 
 def test_draft_mode_leaves_small_jpegs_alone(spec: InputSpec) -> None:
     data = encode(resized(photo("coffee"), 640, 480), "JPEG", quality=90)
-    assert torch.equal(run(data, spec).branches[0], run(data, spec, draft=False).branches[0])
+    assert torch.equal(run(data, spec).pixels, run(data, spec, draft=False).pixels)
 
 
 def test_draft_mode_with_exif_rotation_reports_the_upright_full_size(spec: InputSpec) -> None:
     data = jpeg_with_orientation(resized(photo("chelsea"), 4000, 3000), 6, quality=90)
     drafted, full = run(data, spec), run(data, spec, draft=False)
     assert (drafted.width, drafted.height) == (full.width, full.height) == (3000, 4000)
-    assert max_diff(drafted.branches[0], full.branches[0]) <= DRAFT_MAX_ABS
+    assert max_diff(drafted.pixels, full.pixels) <= DRAFT_MAX_ABS
 
 
 def test_an_extreme_aspect_ratio_costs_no_more_than_a_crop(tmp_path: Path) -> None:
@@ -434,7 +448,7 @@ def test_an_extreme_aspect_ratio_costs_no_more_than_a_crop(tmp_path: Path) -> No
         "from service.preprocess import InputSpec, preprocess\n"
         "spec = InputSpec.from_variant(get_variant('crossvit_tiny_240'))\n"
         "result = preprocess(open(sys.argv[1], 'rb').read(), spec, max_pixels=40_000_000)\n"
-        "assert result.branches[0].isfinite().all() and (result.width, result.height) == (20000, 1)\n"
+        "assert result.pixels.isfinite().all() and (result.width, result.height) == (20000, 1)\n"
         # VmHWM, not ru_maxrss: Linux carries the parent's peak into ru_maxrss across fork and exec.
         "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) // 1024)\n"
     )
@@ -451,7 +465,7 @@ def test_past_the_aspect_bound_only_the_crop_is_resampled_almost_exactly(
 ) -> None:
     assert max(size) / min(size) > MAX_RESIZE_ASPECT  # timm's full resize is still affordable here
     data = encode(resized(photo("astronaut"), *size), "PNG")
-    diff = (run(data, spec).branches[0] - reference(oracle, data)).abs()
+    diff = (run(data, spec).pixels - reference(oracle, data)).abs()
     step = 1 / 255 / min(spec.std)  # one 8-bit step after normalisation
     # PIL resamples in two passes through 8-bit: a one-step flip in the first can make two.
     assert diff.max().item() <= 2 * step + EXACT

@@ -1,0 +1,118 @@
+"""How to spend the cores on OpenVINO: worker processes, streams in one process, or one lone batch.
+
+    python bench/openvino_layout.py [--variant crossvit_9_dagger_240] [--batch 8] [--seconds 15]
+                                    [--modes fp32 bf16]
+
+Layouts, each in fresh processes, model-only img/s (batch / median seconds per forward, after
+two warm-up calls), the model converted once through the service's cache code:
+  - processes: one 1-thread process per core computing at the same time (the service's CPU
+    workers), pinned to cores by OpenVINO or not;
+  - streams: one process, NUM_STREAMS = cores, an AsyncInferQueue keeping every stream busy;
+  - lone: one process, one stream on every core (a worker computing alone borrows the idle cores):
+    at batch 1 this is the c=1 latency case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _child(args: argparse.Namespace) -> None:
+    import numpy as np
+    import openvino as ov
+    import torch
+
+    from model import create_model
+    from service.backends.openvino_runtime import compile_config, convert_cached
+
+    torch.manual_seed(0)
+    model = create_model(args.variant)
+    converted, _ = convert_cached(model, f"layout-{args.variant}", Path(args.cache))
+    compiled = ov.Core().compile_model(
+        converted, "CPU", compile_config(args.modes[0], args.threads, streams=args.streams, pinning=args.pinning)
+    )
+    size = model.config.img_size[0]
+    x = np.random.default_rng(0).standard_normal((args.batch, 3, size, size), dtype=np.float32)
+    if args.streams == 1:
+        request = compiled.create_infer_request()
+        request.infer({0: x})
+        request.infer({0: x})
+        times = []
+        end = time.monotonic() + args.seconds
+        while time.monotonic() < end or len(times) < 5:
+            start = time.perf_counter()
+            request.infer({0: x})
+            times.append(time.perf_counter() - start)
+        print(f"{args.batch / statistics.median(times):.2f}")
+        return
+    queue = ov.AsyncInferQueue(compiled, args.streams)
+    for _ in range(2 * args.streams):  # warm-up
+        queue.start_async({0: x})
+    queue.wait_all()
+    done = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < args.seconds:
+        queue.start_async({0: x})  # blocks until a stream is free
+        done += 1
+    queue.wait_all()
+    print(f"{done * args.batch / (time.perf_counter() - start):.2f}")
+
+
+def _spawn(args: argparse.Namespace, cache: str, mode: str, threads: int, streams: int, pinning: bool,
+           batch: int) -> subprocess.Popen[str]:
+    command = [sys.executable, __file__, "--child", "--variant", args.variant, "--batch", str(batch),
+               "--seconds", str(args.seconds), "--modes", mode, "--threads", str(threads), "--streams", str(streams),
+               "--cache", cache] + (["--pinning"] if pinning else [])
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def _results(processes: list[subprocess.Popen[str]]) -> list[float]:
+    return [float(p.communicate()[0].split()[-1]) for p in processes]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="crossvit_9_dagger_240")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--modes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--streams", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--pinning", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args)
+        return
+
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as cache:
+        _results([_spawn(args, cache, "fp32", 1, 1, False, 1)])  # convert once, into the cache
+        print(f"# {args.variant}, batch {args.batch}, {args.seconds:.0f} s per measurement, {cores} cores")
+        print(f"| mode | {cores} processes x 1 thread, unpinned (sum) | pinned (sum) | 1 process, {cores} streams "
+              f"| 1 process x {cores} threads | same, batch 1 |")
+        print("|---|---|---|---|---|---|")
+        for mode in args.modes:
+            apart = _results([_spawn(args, cache, mode, 1, 1, False, args.batch) for _ in range(cores)])
+            pinned = _results([_spawn(args, cache, mode, 1, 1, True, args.batch) for _ in range(cores)])
+            (streams,) = _results([_spawn(args, cache, mode, cores, cores, False, args.batch)])
+            (lone,) = _results([_spawn(args, cache, mode, cores, 1, False, args.batch)])
+            (lone_b1,) = _results([_spawn(args, cache, mode, cores, 1, False, 1)])
+            print(f"| {mode} | {' + '.join(f'{v:.1f}' for v in apart)} = {sum(apart):.1f} "
+                  f"| {' + '.join(f'{v:.1f}' for v in pinned)} = {sum(pinned):.1f} | {streams:.1f} | {lone:.1f} "
+                  f"| {lone_b1:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

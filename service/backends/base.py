@@ -1,0 +1,102 @@
+"""What an inference backend gives the worker process, and the accuracy checks that admit a mode.
+
+Every backend takes the (n, 3, H, W) branch-0 input and returns both branches' fp32 logits as
+(n, 2, C); branch 1's smaller input is derived inside (the model's own bicubic resize). A mode
+is only served after it has been compared with PyTorch fp32 on the same weights (`Probe`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from model import CrossViT
+
+__all__ = [
+    "EXACT_COSINE",
+    "EXACT_REL_ERR",
+    "GUARD_COSINE",
+    "Agreement",
+    "Backend",
+    "Built",
+    "Probe",
+]
+
+GUARD_COSINE = 0.9999  # worst per-image logit cosine to fp32 a reduced precision must keep
+# What "exact" means for another runtime's fp32 (OpenVINO f32): fp32 summation order only.
+EXACT_COSINE = 0.99999
+EXACT_REL_ERR = 1e-4
+PROBE_IMAGES = 4
+
+
+class Backend(Protocol):
+    """One model replica, ready to run in the mode it was admitted in."""
+
+    agreement: Agreement  # the served mode's logits against PyTorch fp32 on the probe
+
+    @property
+    def name(self) -> str:
+        """"torch" or "openvino"."""
+        ...
+
+    @property
+    def mode(self) -> str:
+        """The compute mode admitted, e.g. "fp32", "bf16", "bf16-autocast"."""
+        ...
+
+    def __call__(self, x: Tensor, threads: int) -> Tensor:
+        """(n, 3, H, W) fp32 -> (n, 2, C) fp32 logits, computed on `threads` CPU threads."""
+        ...
+
+    def warm_up(self, x: Tensor) -> None:
+        """Run every batch size of `x` (1..len(x)) at every thread count the parent may ask for."""
+        ...
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How closely a candidate's logits follow PyTorch fp32's on the probe batch."""
+
+    cosine: float  # worst per-image cosine of the branch-mean logits
+    rel_err: float  # max |candidate - reference| / max |reference|, over both branches
+
+    def is_exact(self) -> bool:
+        return self.cosine >= EXACT_COSINE and self.rel_err <= EXACT_REL_ERR
+
+    def passes_guard(self) -> bool:
+        return self.cosine >= GUARD_COSINE
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A fixed batch of noise images and PyTorch fp32's logits for it: the yardstick of every mode."""
+
+    x: Tensor  # (PROBE_IMAGES, 3, H, W)
+    reference: Tensor  # (PROBE_IMAGES, 2, C)
+
+    @classmethod
+    def of(cls, model: CrossViT) -> Probe:
+        size = model.config.img_size[0]
+        x = torch.randn(PROBE_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            reference = torch.stack(model.eval().branch_logits(x), dim=1).float()
+        return cls(x, reference)
+
+    def compare(self, candidate: Tensor) -> Agreement:
+        candidate = candidate.float()
+        cosine = torch.nn.functional.cosine_similarity(self.reference.mean(1), candidate.mean(1), dim=-1).min()
+        scale = self.reference.abs().max().clamp_min(1e-12)
+        rel_err = (candidate - self.reference).abs().max() / scale
+        return Agreement(cosine=float(cosine), rel_err=float(rel_err))
+
+
+@dataclass
+class Built:
+    """A backend admitted in its mode, what mode was asked for, and the modes refused on the way."""
+
+    backend: Backend
+    requested: str
+    rejected: list[tuple[str, Agreement]] = field(default_factory=list)

@@ -1,0 +1,70 @@
+"""The PyTorch backend: eager CrossViT on CPU or CUDA, fp32 or autocast, through `model.runtime`."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from model import CrossViT
+from model.runtime import Mode, Runner, bf16_is_fast, prepare
+
+from .base import Agreement, Built, Probe
+
+__all__ = ["TorchBackend", "build_torch", "choose_mode"]
+
+logger = logging.getLogger(__name__)
+
+
+def choose_mode(precision: str, device: torch.device) -> Mode:
+    """Map the setting to a compute mode; `auto` takes the fastest mode the benchmarks showed."""
+    if precision == "fp32":
+        return Mode.FP32
+    if precision == "bf16":
+        return Mode.BF16_AUTOCAST
+    if precision == "fp16":
+        return Mode.FP16_AUTOCAST
+    if device.type == "cuda":
+        return Mode.BF16_AUTOCAST if torch.cuda.is_bf16_supported() else Mode.FP16_AUTOCAST
+    # CPU: bf16 autocast is 1.4-2x fp32 where the CPU has native bf16 (bench/README.md)
+    return Mode.BF16_AUTOCAST if bf16_is_fast() else Mode.FP32
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, runner: Runner, agreement: Agreement) -> None:
+        self.runner = runner
+        self.agreement = agreement
+
+    @property
+    def mode(self) -> str:
+        return self.runner.mode.value
+
+    def __call__(self, x: Tensor, threads: int) -> Tensor:
+        if self.runner.device.type == "cpu" and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)  # the parent shares the cores among busy workers
+        b0, b1 = self.runner(x)  # branch 1's input: the model's own resize of x, on the device
+        return torch.stack((b0, b1), dim=1).cpu()
+
+    def warm_up(self, x: Tensor) -> None:
+        for n in range(1, x.shape[0] + 1):  # every batch size this worker will see
+            self(x[:n], torch.get_num_threads())
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+
+
+def build_torch(model: CrossViT, precision: str, device: torch.device, probe: Probe) -> Built:
+    """The requested (or automatic) mode if it passes the accuracy guard, else fp32 (autocast keeps
+    fp32 weights, so falling back costs nothing)."""
+    requested = choose_mode(precision, device)
+    runner = prepare(model, requested, device)
+    backend = TorchBackend(runner, Agreement(1.0, 0.0))
+    backend.agreement = probe.compare(backend(probe.x, torch.get_num_threads()))
+    rejected: list[tuple[str, Agreement]] = []
+    if requested is not Mode.FP32 and not backend.agreement.passes_guard():
+        rejected.append((requested.value, backend.agreement))
+        runner.mode = Mode.FP32
+        backend.agreement = probe.compare(backend(probe.x, torch.get_num_threads()))
+    return Built(backend, requested.value, rejected)

@@ -1,0 +1,157 @@
+"""The inference backends against timm and PyTorch fp32: numerics, modes, the model cache, selection.
+
+OpenVINO models are converted from our `CrossViT` through the real conversion and cache code.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+
+from model import CrossViT, create_model, list_variants
+from service.backends import Built, Probe, build_openvino, build_torch, cache_key, resolve_backend
+from service.backends.openvino_runtime import convert_cached, modes_for
+from service.settings import Settings
+
+VARIANT = "crossvit_tiny_240"
+
+
+def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+def _timm_and_ours(variant: str) -> tuple[torch.nn.Module, CrossViT]:
+    torch.manual_seed(0)
+    oracle = timm.create_model(variant, pretrained=False).eval()
+    ours = create_model(variant)
+    ours.load_state_dict(oracle.state_dict())
+    return oracle, ours
+
+
+def _openvino(
+    model: CrossViT, precision: str, cache_dir: Path | None = None, threads: tuple[int, ...] = (1,)
+) -> tuple[Built, dict[str, Any]]:
+    return build_openvino(model, key=cache_key("test", "0" * 64), cache_dir=cache_dir, precision=precision,
+                          threads=threads, probe=Probe.of(model))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list_variants())
+def test_openvino_fp32_equals_timm(variant: str) -> None:
+    oracle, ours = _timm_and_ours(variant)
+    built, _ = _openvino(ours, "fp32")
+    size = ours.config.img_size[0]
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected_mean = oracle(x)
+    logits = built.backend(x, 1).clone()  # (3, 2, 1000)
+    assert built.backend.mode == "fp32" and built.backend.agreement.is_exact()
+    assert _rel_err(logits.mean(1), expected_mean) <= 1e-4
+    assert (logits.mean(1).topk(5).indices == expected_mean.topk(5).indices).all()
+
+
+def test_bf16_is_guarded_and_its_logits_come_from_fp32_heads() -> None:
+    _, ours = _timm_and_ours(VARIANT)
+    built, info = _openvino(ours, "bf16")
+    x = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(2))
+    logits = built.backend(x, 1)
+    assert built.backend.mode == "bf16" and built.backend.agreement.cosine >= 0.9999
+    assert not built.backend.agreement.is_exact()  # bf16 really ran: not fp32 in disguise
+    representable = logits.to(torch.bfloat16).float() == logits
+    assert representable.float().mean().item() < 0.05  # bf16 heads would round every logit
+    assert info["openvino"]
+
+
+def test_auto_takes_the_fastest_mode_that_passes() -> None:
+    expected = "bf16" if "bf16" in modes_for("auto") else "fp32"
+    _, ours = _timm_and_ours(VARIANT)
+    built, _ = _openvino(ours, "auto")
+    assert built.backend.mode == expected and built.requested == modes_for("auto")[0]
+
+
+def test_fp32_torch_backend_is_pytorch_itself() -> None:
+    oracle, ours = _timm_and_ours(VARIANT)
+    probe = Probe.of(ours)
+    built = build_torch(ours, "fp32", torch.device("cpu"), probe)
+    assert built.backend.name == "torch" and built.backend.agreement.is_exact()
+    x = torch.randn(2, 3, 240, 240)
+    with torch.inference_mode():
+        expected = oracle(x)
+    torch.testing.assert_close(built.backend(x, 1).mean(1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_every_thread_count_computes_the_same() -> None:
+    _, ours = _timm_and_ours(VARIANT)
+    built, _ = _openvino(ours, "fp32", threads=(1, 2))
+    x = torch.randn(3, 3, 240, 240)
+    one = built.backend(x, 1).clone()
+    torch.testing.assert_close(built.backend(x, 2), one, rtol=1e-5, atol=1e-5)
+
+
+def _convert_in_child(cache_dir: str, queue: multiprocessing.Queue[str]) -> None:
+    torch.manual_seed(0)
+    _, source = convert_cached(create_model(VARIANT), "shared-key", Path(cache_dir))
+    queue.put(source)
+
+
+def test_the_cache_converts_once_even_for_workers_starting_together(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_convert_in_child, args=(str(tmp_path), queue)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+        assert worker.exitcode == 0
+    assert sorted(queue.get(timeout=5) for _ in workers) == ["cache", "converted"]
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["shared-key"]  # no scratch left behind
+
+
+def test_a_cached_model_computes_what_a_fresh_conversion_does(tmp_path: Path) -> None:
+    _, ours = _timm_and_ours(VARIANT)
+    first, info_first = _openvino(ours, "fp32", cache_dir=tmp_path)
+    second, info_second = _openvino(ours, "fp32", cache_dir=tmp_path)
+    assert (info_first["model_source"], info_second["model_source"]) == ("converted", "cache")
+    x = torch.randn(2, 3, 240, 240)
+    torch.testing.assert_close(second.backend(x, 1).clone(), first.backend(x, 1).clone(), rtol=0, atol=0)
+
+
+def test_an_unwritable_cache_still_serves(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    _, ours = _timm_and_ours(VARIANT)
+    built, info = _openvino(ours, "fp32", cache_dir=blocked / "cache")
+    assert info["model_source"] == "converted, not cached" and built.backend.agreement.is_exact()
+
+
+def test_cache_key_names_what_determines_the_model() -> None:
+    a, b = cache_key("crossvit_9_dagger_240", "a" * 64), cache_key("crossvit_9_dagger_240", "b" * 64)
+    assert a != b and a.startswith("crossvit_9_dagger_240-aaaaaaaaaaaaaaaa-ov20")
+
+
+@pytest.mark.parametrize(("setting", "device", "precision", "expected"), [
+    ("auto", "cpu", "auto", "openvino"),
+    ("auto", "cpu", "fp32", "openvino"),
+    ("auto", "cpu", "fp16", "torch"),
+    ("auto", "cuda:0", "auto", "torch"),
+    ("torch", "cpu", "auto", "torch"),
+    ("openvino", "cpu", "bf16", "openvino"),
+])
+def test_backend_resolution(setting: str, device: str, precision: str, expected: str) -> None:
+    choice = resolve_backend(setting, device, precision)
+    assert choice.name == expected and choice.reason
+    assert choice.fallback == (setting == "auto" and expected == "openvino")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"backend": "openvino", "device": "cuda"}, "CPU workers only"),
+    ({"backend": "openvino", "precision": "fp16"}, "fp16 needs the torch backend"),
+])
+def test_impossible_backend_settings_are_refused(overrides: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings(**overrides)
