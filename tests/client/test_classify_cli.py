@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.client.conftest import API_KEY, photo_jpeg, write_photos
+from tests.client.helpers import photo_jpeg, write_photos
+from tests.conftest import LIMITED_API_KEY
 
 CLI = Path(sys.executable).with_name("crossvit-classify")  # the [project.scripts] entry point
 
@@ -111,7 +112,7 @@ def test_interrupted_run_resumes_where_it_stopped(limited: str, tmp_path: Path) 
     out = tmp_path / "results.jsonl"
     args = [str(CLI), str(photos[0].parent), "--url", limited, "--out", str(out), "--concurrency", "1",
             "--no-progress"]
-    with subprocess.Popen(args, env=_env(CROSSVIT_API_KEY=API_KEY), stderr=subprocess.PIPE, text=True) as first:
+    with subprocess.Popen(args, env=_env(CROSSVIT_API_KEY=LIMITED_API_KEY), stderr=subprocess.PIPE, text=True) as first:
         deadline = time.monotonic() + 120  # it writes only a summary to stderr: the pipe cannot fill
         while not (out.exists() and out.read_text().count("\n") >= 1):
             assert first.poll() is None and time.monotonic() < deadline, "the first run ended before any row"
@@ -125,7 +126,7 @@ def test_interrupted_run_resumes_where_it_stopped(limited: str, tmp_path: Path) 
     with open(out, "a") as f:
         f.write('{"path": "' + str(photos[-1]) + '", "ok": tr')  # and a row cut off mid-write
 
-    second = _run(photos[0].parent, "--url", limited, "--out", out, env=_env(CROSSVIT_API_KEY=API_KEY))
+    second = _run(photos[0].parent, "--url", limited, "--out", out, env=_env(CROSSVIT_API_KEY=LIMITED_API_KEY))
     assert second.returncode == 0, second.stderr
     assert f"{len(photos) - len(written)} classified, 0 failed, {len(written)} skipped" in second.stderr
     rows = _rows(out)  # every line parses: the cut-off one was dropped
@@ -137,10 +138,10 @@ def test_api_keys_from_the_flag_or_the_environment(limited: str, tmp_path: Path)
     photos = write_photos(tmp_path / "photos", 2)
     refused = _run(photos[0].parent, "--url", limited, "--out", tmp_path / "none.jsonl")
     assert refused.returncode == 2 and "401 unauthorized" in refused.stderr
-    by_flag = _run(photos[0].parent, "--url", limited, "--api-key", API_KEY, "--out", tmp_path / "flag.jsonl")
+    by_flag = _run(photos[0].parent, "--url", limited, "--api-key", LIMITED_API_KEY, "--out", tmp_path / "flag.jsonl")
     assert by_flag.returncode == 0, by_flag.stderr
     by_env = _run(photos[0].parent, "--out", tmp_path / "env.jsonl",
-                  env=_env(CROSSVIT_URL=limited, CROSSVIT_API_KEY=API_KEY))
+                  env=_env(CROSSVIT_URL=limited, CROSSVIT_API_KEY=LIMITED_API_KEY))
     assert by_env.returncode == 0, by_env.stderr
     for name in ("flag.jsonl", "env.jsonl"):
         rows = _rows(tmp_path / name)

@@ -21,16 +21,8 @@ from client import (
     RetryPolicy,
 )
 from client.batching import Limits, plan_batches
-from tests.client.conftest import (
-    API_KEY,
-    MAX_IMAGES,
-    MAX_UPLOAD_BYTES,
-    counted,
-    photo_jpeg,
-    requests_by_status,
-    write_photos,
-)
-from tests.conftest import Reference, start_cli
+from tests.client.helpers import counted, photo_jpeg, requests_by_status, write_photos
+from tests.conftest import LIMITED_API_KEY, LIMITED_MAX_IMAGES, LIMITED_MAX_UPLOAD_BYTES, Reference, start_cli
 
 CORRUPT = photo_jpeg("coffee")[:3000]  # a real JPEG cut short
 NOT_AN_IMAGE = b"these are notes, not pixels\n"
@@ -69,12 +61,12 @@ def test_async_classify_each_gives_every_image_its_own_outcome(limited: str, tmp
     """Bad images anywhere in a request: each gets its own error, every other image its result."""
     photos = write_photos(tmp_path / "photos")
     oversize = photo_jpeg("hubble_deep_field")  # alone it is over the body limit
-    assert len(oversize) > MAX_UPLOAD_BYTES
+    assert len(oversize) > LIMITED_MAX_UPLOAD_BYTES
     images: list[str | Path | bytes] = [photos[0], CORRUPT, photos[1], photos[2], NOT_AN_IMAGE, photos[3],
                                         oversize, str(tmp_path / "missing.jpg"), photos[4], photos[5]]
 
     async def run() -> list[ImageResultModel | Exception]:
-        async with AsyncClient(limited, api_key=API_KEY) as client:
+        async with AsyncClient(limited, api_key=LIMITED_API_KEY) as client:
             return list(await client.classify_each(images))
 
     outcomes = asyncio.run(run())
@@ -88,20 +80,20 @@ def test_async_classify_each_gives_every_image_its_own_outcome(limited: str, tmp
     for i, outcome in enumerate(outcomes):
         if isinstance(outcome, ImageResultModel):
             assert outcome.index == i
-            assert outcome.predictions[0].class_id == _top1(limited, Path(str(images[i])).read_bytes(), API_KEY)
+            assert outcome.predictions[0].class_id == _top1(limited, Path(str(images[i])).read_bytes(), LIMITED_API_KEY)
 
 
 def test_requests_fit_the_limits_the_server_reports(limited: str, tmp_path: Path) -> None:
     paths = write_photos(tmp_path)
     before = requests_by_status(limited)
-    with Client(limited, api_key=API_KEY) as client:
-        assert client.limits() == Limits(MAX_IMAGES, MAX_UPLOAD_BYTES)
+    with Client(limited, api_key=LIMITED_API_KEY) as client:
+        assert client.limits() == Limits(LIMITED_MAX_IMAGES, LIMITED_MAX_UPLOAD_BYTES)
         results = client.classify(paths)
     after = requests_by_status(limited)
     assert len(results) == len(paths)
     planned = plan_batches([(p.name, p.stat().st_size) for p in paths], client.limits())
     assert after.get("200", 0) - before.get("200", 0) == len(planned)
-    assert len(planned) > math.ceil(len(paths) / MAX_IMAGES)  # the byte limit split a request too
+    assert len(planned) > math.ceil(len(paths) / LIMITED_MAX_IMAGES)  # the byte limit split a request too
     assert after.get("413", 0) == before.get("413", 0)  # the size estimate is an upper bound
 
 
@@ -109,7 +101,7 @@ def test_classify_raises_the_first_error_naming_the_callers_image(limited: str, 
     paths = write_photos(tmp_path, 4)
     events: list[RetryEvent] = []
     before = requests_by_status(limited).get("422", 0)
-    with Client(limited, api_key=API_KEY, on_retry=events.append) as client, pytest.raises(APIError) as caught:
+    with Client(limited, api_key=LIMITED_API_KEY, on_retry=events.append) as client, pytest.raises(APIError) as caught:
         client.classify([paths[0], paths[1], paths[2], CORRUPT, paths[3]])
     assert (caught.value.status, caught.value.code, caught.value.index) == (422, "invalid_image", 3)
     assert events == [] and requests_by_status(limited).get("422", 0) == before + 1  # a 4xx is never retried
@@ -122,8 +114,8 @@ def test_api_keys(limited: str) -> None:
         with Client(limited, api_key=key, on_retry=events.append) as client, pytest.raises(APIError) as caught:
             client.classify([image])
         assert (caught.value.status, caught.value.code) == (401, "unauthorized") and events == []
-    with Client(limited, api_key=API_KEY) as client:
-        assert client.classify([image])[0].predictions[0].class_id == _top1(limited, image, API_KEY)
+    with Client(limited, api_key=LIMITED_API_KEY) as client:
+        assert client.classify([image])[0].predictions[0].class_id == _top1(limited, image, LIMITED_API_KEY)
 
 
 def test_retries_a_server_that_is_not_up_then_not_ready_until_it_answers(tmp_path: Path, reference: Reference) -> None:

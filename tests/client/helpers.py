@@ -1,29 +1,16 @@
-"""A server with API keys and tight request limits, and folders of real photos, for the client tests."""
+"""Folders of real photos and the server's own request counts, for the client, CLI and page tests."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from PIL import ImageOps
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Reference, run_server
 from tests.photos import encode, photo
 
-API_KEY = "client-test-key-0123456789"
-MAX_IMAGES = 3  # per request
-MAX_UPLOAD_BYTES = 160_000  # chelsea + astronaut + coffee as JPEG fit; a 198 kB JPEG does not
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "camera", "motorcycle_left")
-
-
-@pytest.fixture(scope="session")
-def limited(reference: Reference) -> Iterator[str]:
-    with run_server(weights=str(reference.checkpoint), workers=1, max_batch_size=2, api_keys=API_KEY,
-                    max_images_per_request=MAX_IMAGES, max_upload_bytes=MAX_UPLOAD_BYTES) as url:
-        yield url
 
 
 def photo_jpeg(name: str, mirrored: bool = False) -> bytes:
