@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from service.schemas import ImageResultModel
 
 from .api import DEFAULT_URL, AsyncClient
-from .batching import plan_batches
+from .batching import Limits, plan_batches
 from .errors import APIError, ClientError, UnreachableError
 from .output import OutputError, ResultsFile
 from .retry import RetryEvent, RetryPolicy
@@ -89,6 +90,8 @@ async def _classify(args: argparse.Namespace, todo: list[Path], results: Results
     async with AsyncClient(args.url, api_key=args.api_key, retry=RetryPolicy(retries=args.retries),
                            on_retry=on_retry) as client:
         limits = await client.limits()
+        per_request = min(limits.max_images_per_request, max(1, math.ceil(len(todo) / args.concurrency)))
+        limits = Limits(per_request, limits.max_upload_bytes)  # a few files still fill every request slot
         sizes = [(p.name, p.stat().st_size if p.is_file() else 0) for p in todo]
         batches = deque([todo[i] for i in indices] for indices in plan_batches(sizes, limits))
         with tqdm(total=len(todo), unit="img", desc="classify", file=sys.stderr, dynamic_ncols=True,
