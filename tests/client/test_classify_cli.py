@@ -140,12 +140,12 @@ def test_api_keys_from_the_flag_or_the_environment(limited: str, tmp_path: Path)
     assert refused.returncode == 2 and "401 unauthorized" in refused.stderr
     by_flag = _run(photos[0].parent, "--url", limited, "--api-key", LIMITED_API_KEY, "--out", tmp_path / "flag.jsonl")
     assert by_flag.returncode == 0, by_flag.stderr
-    by_env = _run(photos[0].parent, "--out", tmp_path / "env.jsonl",
-                  env=_env(CROSSVIT_URL=limited, CROSSVIT_API_KEY=LIMITED_API_KEY))
+    by_env = _run(photos[0].parent, env=_env(CROSSVIT_URL=limited, CROSSVIT_API_KEY=LIMITED_API_KEY))
     assert by_env.returncode == 0, by_env.stderr
-    for name in ("flag.jsonl", "env.jsonl"):
+    (tmp_path / "stdout.jsonl").write_text(by_env.stdout)  # without --out the rows go to stdout
+    for name in ("flag.jsonl", "stdout.jsonl"):
         rows = _rows(tmp_path / name)
-        assert len(rows) == 2 and all(r["ok"] for r in rows)
+        assert sorted(r["path"] for r in rows) == sorted(map(str, photos)) and all(r["ok"] for r in rows)
 
 
 def test_missing_path_and_bad_output_stop_before_any_work(tmp_path: Path) -> None:
