@@ -24,8 +24,8 @@ bench: setup
 	$(PY) bench/model_speed.py
 
 lint: setup
-	$(VENV)/bin/ruff check model service weights tests bench
-	$(VENV)/bin/mypy model service weights
+	$(VENV)/bin/ruff check model service weights client tests bench
+	$(VENV)/bin/mypy model service weights client
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

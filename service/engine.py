@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from .agreement import Agreement, branch_agreement
 from .batcher import Batcher, Pending, WorkerOutput
 from .errors import DeadlineExceededError, NotReadyError, OverloadedError
 from .metrics import Metrics
@@ -50,6 +51,7 @@ class ImageResult:
     height: int
     predictions: list[Prediction]
     branches: list[list[Prediction]] | None  # per-branch top-k when asked for
+    agreement: Agreement
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,7 @@ class Engine:
         logits = torch.stack([o.logits for o in outputs])  # (n, 2, C)
         mean = self._top(logits.mean(dim=1), top_k)  # the model's output: mean over branches
         per_branch = [self._top(logits[:, b], top_k) for b in range(2)] if branches else None
+        agreement = branch_agreement(logits)
         return [
             ImageResult(
                 index=i,
@@ -314,6 +317,7 @@ class Engine:
                 height=p.height,
                 predictions=mean[i],
                 branches=[per_branch[0][i], per_branch[1][i]] if per_branch else None,
+                agreement=agreement[i],
             )
             for i, p in enumerate(prepared)
         ]

@@ -150,6 +150,7 @@ async def classify(
                     {"branch": b, "resolution": resolutions[b], "predictions": preds}
                     for b, preds in enumerate(r.branches)
                 ],
+                "agreement": r.agreement,
             }
             for r in result.results
         ],

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "AgreementModel",
     "BranchPredictions",
     "ClassifyJSON",
     "ClassifyResponse",
@@ -34,6 +35,15 @@ class BranchPredictions(BaseModel):
     predictions: list[PredictionModel] = Field(description="top-k of this branch's own logits")
 
 
+class AgreementModel(BaseModel):
+    top1_agree: bool = Field(description="the two branches' own top-1 classes are the same")
+    js_divergence: float = Field(
+        ge=0, le=1,
+        description="Jensen-Shannon divergence (base 2) between the branches' softmax distributions: "
+        "0 identical, 1 disjoint; high values flag an image for review",
+    )
+
+
 class ImageResultModel(BaseModel):
     index: int = Field(description="position of the image in the request")
     filename: str | None = Field(None, description="the multipart part's filename, when there was one")
@@ -41,6 +51,7 @@ class ImageResultModel(BaseModel):
     height: int
     predictions: list[PredictionModel] = Field(description="top-k, sorted by logit, descending")
     branches: list[BranchPredictions] | None = Field(None, description="only with ?branches=true")
+    agreement: AgreementModel = Field(description="how far the two branches agree on this image")
 
 
 class Timing(BaseModel):

@@ -101,6 +101,19 @@ def torch_server(reference: Reference) -> Iterator[str]:
     yield from _main_server(reference, "torch")
 
 
+LIMITED_API_KEY = "limited-test-key-0123456789"
+LIMITED_MAX_IMAGES = 3  # per request
+LIMITED_MAX_UPLOAD_BYTES = 160_000  # chelsea + astronaut + coffee as JPEG fit; a 198 kB JPEG does not
+
+
+@pytest.fixture(scope="session")
+def limited(reference: Reference) -> Iterator[str]:
+    """A server with an API key and tight request limits, for the client, CLI and page tests."""
+    with run_server(weights=str(reference.checkpoint), workers=1, max_batch_size=2, api_keys=LIMITED_API_KEY,
+                    max_images_per_request=LIMITED_MAX_IMAGES, max_upload_bytes=LIMITED_MAX_UPLOAD_BYTES) as url:
+        yield url
+
+
 @pytest.fixture
 def client(server: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server, timeout=60) as c:
