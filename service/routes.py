@@ -72,7 +72,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_errors(401))
 
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_BINARY = {"schema": {"type": "string", "format": "binary", "minLength": 1}}  # maxLength: service.openapi
 _CLASSIFY_BODY = {
     "requestBody": {
         "required": True,
@@ -81,7 +81,9 @@ _CLASSIFY_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {MULTIPART_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "properties": {MULTIPART_FIELD: {
+                        "type": "array", "minItems": 1, "items": {"type": "string", "format": "binary", "minLength": 1}
+                    }},  # maxItems: service.openapi
                     "required": [MULTIPART_FIELD],
                 }
             },

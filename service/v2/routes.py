@@ -190,8 +190,8 @@ def router(settings: Settings) -> APIRouter:
     async def unmatched(request: Request) -> Response:
         """Unknown /v2 paths and methods, answered in the protocol's error shape."""
         allowed = sorted({
-            method for route in request.app.routes
-            if isinstance(route, APIRoute) and route.path != "/v2/{path:path}"
+            method for route in r.routes  # this router holds every /v2 route
+            if isinstance(route, APIRoute) and route.endpoint is not unmatched
             and route.path_regex.fullmatch(request.url.path) for method in route.methods or ()
         })
         if allowed:

@@ -134,8 +134,8 @@ def _image_input(count: int) -> dict[str, Any]:
             "datatype": {"const": "BYTES"},
             "shape": {"const": [count]},
             "parameters": {
-                "type": "object",
-                "properties": {"content_type": {"const": "base64"}, "binary_data_size": False},
+                "type": ["object", "null"],
+                "properties": {"content_type": {"enum": ["base64", None]}, "binary_data_size": False},
             },
             "data": {
                 "type": "array",
@@ -151,6 +151,8 @@ def _image_input(count: int) -> dict[str, Any]:
 def infer_request_schema(*, max_images: int, side: int, num_classes: int) -> dict[str, Any]:
     """The JSON form of an inference request, exact enough that every request it admits is served.
 
+An optional field may also be null, meaning absent, as the parser takes it.
+
     The shape must equal the number of elements, which JSON Schema can only say one count at a time.
     Preprocessed `pixels` (FP32 [N, 3, side, side]) are meant for the binary form; in JSON they are
     accepted too but left out here (172,800 numbers per image are no way to send pixels).
@@ -161,11 +163,11 @@ def infer_request_schema(*, max_images: int, side: int, num_classes: int) -> dic
         "properties": {
             "name": {"enum": [LOGITS, BRANCH_LOGITS]},
             "parameters": {
-                "type": "object",
+                "type": ["object", "null"],
                 "properties": {
-                    "binary_data": {"type": "boolean", "description": "send this output as binary data"},
+                    "binary_data": {"type": ["boolean", "null"], "description": "send this output as binary data"},
                     "classification": {
-                        "type": "integer", "minimum": 1, "maximum": num_classes,
+                        "type": ["integer", "null"], "minimum": 1, "maximum": num_classes,
                         "description": "instead of the tensor, its top-k as BYTES \"<logit>:<class_id>:<label>\"",
                     },
                 },
@@ -176,8 +178,10 @@ def infer_request_schema(*, max_images: int, side: int, num_classes: int) -> dic
         "type": "object",
         "required": ["inputs"],
         "properties": {
-            "id": {"type": "string"},
-            "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+            "id": {"type": ["string", "null"]},
+            "parameters": {
+                "type": ["object", "null"], "properties": {"binary_data_output": {"type": ["boolean", "null"]}}
+            },
             "inputs": {
                 "type": "array",
                 "minItems": 1,
@@ -187,7 +191,7 @@ def infer_request_schema(*, max_images: int, side: int, num_classes: int) -> dic
                 f"'{PIXELS}' (FP32 [N, 3, {side}, {side}], normalised); N <= {max_images}",
             },
             "outputs": {
-                "type": "array",
+                "type": ["array", "null"],
                 "items": output,
                 "description": f"default: '{LOGITS}' as JSON; '{BRANCH_LOGITS}' only when asked for",
             },
