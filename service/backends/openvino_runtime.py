@@ -104,21 +104,28 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def convert_cached(model: CrossViT, key: str, cache_dir: Path | None) -> tuple[Any, str]:
-    """The converted model and where it came from ("cache", "converted" or "converted, not cached")."""
+    """The converted model and where it came from ("cache", "converted" or "converted, not cached").
+
+    A complete entry is read without the lock (entries appear by an atomic rename), so a cache
+    baked into a read-only image works; only a conversion takes the lock.
+    """
     ov = _openvino()
     if cache_dir is None:
         return _convert(model), "converted, not cached"
+    target = cache_dir / key
     try:
+        if (target / "model.xml").is_file():
+            return ov.Core().read_model(target / "model.xml"), "cache"
         cache_dir.mkdir(parents=True, exist_ok=True)
         with _locked(cache_dir / f"{key}.lock"):
-            target = cache_dir / key
-            if (target / "model.xml").is_file():
+            if (target / "model.xml").is_file():  # another worker converted while we waited
                 return ov.Core().read_model(target / "model.xml"), "cache"
             converted = _convert(model)
             scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
             try:
                 # compress_to_fp16=False: the default would halve the weights' precision on disk.
                 ov.save_model(converted, scratch / "model.xml", compress_to_fp16=False)
+                scratch.chmod(0o755)  # mkdtemp's 0700 would hide a cache baked by root from the server's user
                 os.replace(scratch, target)  # atomic: a reader sees the whole model or none
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
