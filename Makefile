@@ -9,7 +9,7 @@ UV_VERSION := 0.13.9
 LOCK_TOOL := build/lock-tool
 UV := $(LOCK_TOOL)/bin/uv
 
-.PHONY: setup serve test bench lint lock clean
+.PHONY: setup serve test bench lint lock image-test clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,7 @@ bench: setup
 	$(PY) bench/model_speed.py
 
 lint: setup
-	$(VENV)/bin/ruff check model service weights tests bench requirements
+	$(VENV)/bin/ruff check model service weights tests bench requirements deploy
 	$(VENV)/bin/mypy model service weights
 
 # Regenerate requirements/*.txt from pyproject.toml (after editing dependencies, or after a merge).
@@ -41,6 +41,10 @@ lock: $(UV)
 $(UV):
 	$(PYTHON) -m venv $(LOCK_TOOL)
 	$(LOCK_TOOL)/bin/pip install --disable-pip-version-check -q uv==$(UV_VERSION)
+
+# Build the CPU image and run it under docker and docker compose (deploy/image_test.py); as root.
+image-test: setup
+	$(PY) deploy/image_test.py
 
 clean:
 	rm -rf $(VENV) $(LOCK_TOOL) .pytest_cache .mypy_cache .ruff_cache
