@@ -160,7 +160,7 @@ def lock(uv: str) -> None:
     }
     for name, text in outputs.items():
         LOCKS[name].write_text(text)
-        print(f"wrote {LOCKS[name].relative_to(REPO)} ({len(parse(text))} pins)")  # noqa: T201
+        print(f"wrote {LOCKS[name].relative_to(REPO)} ({len(parse(text))} pins)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
