@@ -32,7 +32,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check model service weights tests bench requirements deploy
-	$(VENV)/bin/mypy model service weights
+	$(VENV)/bin/mypy model service weights deploy/image_test.py requirements/lock.py
 
 # Regenerate requirements/*.txt from pyproject.toml (after editing dependencies, or after a merge).
 lock: $(UV)

@@ -115,7 +115,7 @@ def _has_buildkit(cli: str) -> bool:
         return True
     version = run([cli, "version", "--format", "{{.Client.Version}}"], check=False).stdout.strip()
     major = re.match(r"(\d+)\.", version)
-    return bool(major) and int(major.group(1)) < 23  # type: ignore[union-attr]
+    return major is not None and int(major.group(1)) < 23
 
 
 def ensure_packages() -> None:
