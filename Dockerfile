@@ -82,11 +82,15 @@ RUN mkdir -p /weights \
 FROM venv-cpu AS weights-cpu
 ARG BAKE_WEIGHTS=""
 ARG WEIGHTS_SOURCE=hub
+# With baked weights, the OpenVINO conversion is baked too (/weights/.cache/models), so a read-only
+# container starts without converting.
 RUN mkdir -p /weights \
  && if [ -n "$BAKE_WEIGHTS" ]; then \
       /opt/venv/bin/crossvit-weights fetch "$BAKE_WEIGHTS" --dest /weights --source "$WEIGHTS_SOURCE" --no-progress \
       && /opt/venv/bin/crossvit-weights verify /weights \
-      && rm -rf /weights/.cache; \
+      && rm -rf /weights/.cache \
+      && CROSSVIT_MODEL="$BAKE_WEIGHTS" CROSSVIT_WEIGHTS_DIR=/weights CROSSVIT_FETCH_WEIGHTS=false \
+         CROSSVIT_BACKEND=openvino /opt/venv/bin/crossvit-serve --prepare-only; \
     fi
 
 # ---------------------------------------------------------------- runtime: what both targets share
@@ -114,6 +118,7 @@ COPY --from=venv-cuda /opt/venv /opt/venv
 COPY --from=weights-cuda --chown=10001:10001 /weights /weights
 # what nvidia/cuda base images set: the container toolkit mounts the driver for these
 ENV CROSSVIT_DEVICE=cuda \
+    CROSSVIT_BACKEND=torch \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
@@ -121,4 +126,5 @@ ENV CROSSVIT_DEVICE=cuda \
 FROM runtime AS cpu
 COPY --from=venv-cpu /opt/venv /opt/venv
 COPY --from=weights-cpu --chown=10001:10001 /weights /weights
-ENV CROSSVIT_DEVICE=cpu
+ENV CROSSVIT_DEVICE=cpu \
+    CROSSVIT_BACKEND=openvino

@@ -439,9 +439,13 @@ def test_init_container_fetches_into_the_servers_weights_dir(built: list[Doc], m
         assert weights not in server_mounts
         assert _main_container(deployment)["image"].endswith(":cpu-18d")
         return
-    (init,) = inits
+    init, prepare = inits  # fetch, then convert the model for the OpenVINO backend into the same volume
     scripts = _console_scripts()
     assert init["command"] == ["crossvit-weights"] and "crossvit-weights" in scripts
+    assert prepare["command"] == ["crossvit-serve"] and prepare["args"] == ["--prepare-only"]
+    assert "crossvit-serve" in scripts and prepare["envFrom"] == init["envFrom"]
+    assert prepare["image"] == init["image"] and prepare["volumeMounts"] == init["volumeMounts"]
+    assert settings.cache_dir is None  # the default, <weights_dir>/.cache/models, is on that volume
     args = init["args"]
     assert args[:2] == ["fetch", "$(CROSSVIT_MODEL)"]
     assert Path(args[args.index("--dest") + 1]) == settings.weights_dir
