@@ -15,6 +15,7 @@ two warm-up calls), the model converted once through the service's cache code:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
@@ -68,15 +69,16 @@ def _child(args: argparse.Namespace) -> None:
     print(f"{done * args.batch / (time.perf_counter() - start):.2f}")
 
 
-def _spawn(args: argparse.Namespace, cache: str, mode: str, threads: int, streams: int, pinning: bool,
-           batch: int) -> subprocess.Popen[str]:
-    command = [sys.executable, __file__, "--child", "--variant", args.variant, "--batch", str(batch),
-               "--seconds", str(args.seconds), "--modes", mode, "--threads", str(threads), "--streams", str(streams),
+def spawn(variant: str, cache: str, mode: str, *, threads: int, batch: int, seconds: float, streams: int = 1,
+          pinning: bool = False) -> subprocess.Popen[str]:
+    """One measuring child process (its img/s is the last word it prints)."""
+    command = [sys.executable, __file__, "--child", "--variant", variant, "--batch", str(batch),
+               "--seconds", str(seconds), "--modes", mode, "--threads", str(threads), "--streams", str(streams),
                "--cache", cache] + (["--pinning"] if pinning else [])
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
-def _results(processes: list[subprocess.Popen[str]]) -> list[float]:
+def results(processes: list[subprocess.Popen[str]]) -> list[float]:
     return [float(p.communicate()[0].split()[-1]) for p in processes]
 
 
@@ -98,21 +100,21 @@ def main() -> None:
 
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as cache:
-        _results([_spawn(args, cache, "fp32", 1, 1, False, 1)])  # convert once, into the cache
+        run = functools.partial(spawn, args.variant, cache, seconds=args.seconds)
+        results([run("fp32", threads=1, batch=1)])  # convert once, into the cache
         print(f"# {args.variant}, batch {args.batch}, {args.seconds:.0f} s per measurement, {cores} cores")
         print(f"| mode | {cores} processes x 1 thread, unpinned (sum) | pinned (sum) | 1 process, {cores} streams "
               f"| 1 process x {cores} threads | same, batch 1 |")
         print("|---|---|---|---|---|---|")
         for mode in args.modes:
-            apart = _results([_spawn(args, cache, mode, 1, 1, False, args.batch) for _ in range(cores)])
-            pinned = _results([_spawn(args, cache, mode, 1, 1, True, args.batch) for _ in range(cores)])
-            (streams,) = _results([_spawn(args, cache, mode, cores, cores, False, args.batch)])
-            (lone,) = _results([_spawn(args, cache, mode, cores, 1, False, args.batch)])
-            (lone_b1,) = _results([_spawn(args, cache, mode, cores, 1, False, 1)])
+            apart = results([run(mode, threads=1, batch=args.batch) for _ in range(cores)])
+            pinned = results([run(mode, threads=1, batch=args.batch, pinning=True) for _ in range(cores)])
+            (streams,) = results([run(mode, threads=cores, batch=args.batch, streams=cores)])
+            (lone,) = results([run(mode, threads=cores, batch=args.batch)])
+            (lone_b1,) = results([run(mode, threads=cores, batch=1)])
             print(f"| {mode} | {' + '.join(f'{v:.1f}' for v in apart)} = {sum(apart):.1f} "
                   f"| {' + '.join(f'{v:.1f}' for v in pinned)} = {sum(pinned):.1f} | {streams:.1f} | {lone:.1f} "
                   f"| {lone_b1:.1f} |", flush=True)
-
 
 if __name__ == "__main__":
     main()

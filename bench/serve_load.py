@@ -6,8 +6,9 @@
 Needs `wrk` (Debian: apt-get install wrk) and, for the LitServe peer, `litserve` (pip). Loopback
 only; every load run is bounded by --duration. Steps, for the same random-init weights and the
 same 640x480 JPEG throughout:
-(1) references in this process: preprocessing ms per image (one thread), and model-only img/s of
-    the model as the service runs it (its backend and mode, every core) at batch 1 and 8;
+(1) references: preprocessing ms per image (one thread, this process), and model-only img/s of the
+    model as the service runs it (its backend and mode; bench/openvino_layout.py's processes): at
+    batch 1 on every core, at batch 8 one 1-thread process per core at once;
 (2) the service (`crossvit-serve`, defaults apart from model, weights and precision) with
     CROSSVIT_PRECISION=fp32 (exact) and =auto (the default: the fastest guarded mode);
 (3) LitServe (bench/litserve_server.py) and the naive server (bench/naive_server.py), PyTorch fp32
@@ -42,7 +43,6 @@ sys.path.insert(0, str(ROOT))
 from model import create_model  # noqa: E402
 from model.runtime import Mode, prepare  # noqa: E402
 from model.variants import get_variant  # noqa: E402
-from service.backends import Probe, build_openvino, cache_key  # noqa: E402
 from service.preprocess import InputSpec, preprocess  # noqa: E402
 from tests.photos import encode, photo, resized  # noqa: E402
 
@@ -110,9 +110,13 @@ def measure_server(label: str, command: list[str], env: dict[str, str], image: P
     try:
         wait_ready(url, process)
         mode = env.get("CROSSVIT_PRECISION", "")
-        models = httpx.get(f"{url}/v1/models", timeout=5)
-        if models.status_code == 200 and "workers" in models.json():  # the service reports what it chose
-            workers = models.json()["workers"]
+        if label.startswith("ours"):  # every worker warmed up, then what the service chose
+            deadline = time.monotonic() + 300
+            while True:
+                workers = httpx.get(f"{url}/v1/models", timeout=5).json()["workers"]
+                if all(w["state"] == "ready" for w in workers) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
             mode = "+".join(sorted({f"{w.get('backend')}-{w.get('mode')}" for w in workers}))
         run_wrk(url, image, 8, 3)  # warm-up, discarded
         return Served(label, mode, {c: run_wrk(url, image, c, args.duration) for c in args.concurrency})
@@ -147,14 +151,16 @@ def model_only(
     return _timed(lambda: runner(x), batch, repeats, min_seconds)
 
 
-def model_only_openvino(variant: str, weights: Path, mode: str, batch: int, repeats: int = 15) -> float:
-    """img/s of the model on the service's OpenVINO backend in `mode`, on every core."""
-    model = create_model(variant, weights=weights)
-    threads = torch.get_num_threads()
-    built, _ = build_openvino(model, key=cache_key(variant, "bench"), cache_dir=None, precision=mode,
-                              threads=(threads,), probe=Probe.of(model))
-    x = torch.randn(batch, 3, *(model.config.img_size[0],) * 2)
-    return _timed(lambda: built.backend(x, threads), batch, repeats, 0.0)
+def model_only_served(variant: str, mode: str, cache: str, seconds: float = 6.0) -> dict[int, float]:
+    """The model as the service runs it (OpenVINO, `mode`): at batch 1 one process on every core (a
+    lone request borrows the idle workers' cores), at MAX_BATCH one 1-thread process per core at
+    once (the busy service), summed."""
+    from openvino_layout import results, spawn  # bench/ is on sys.path (this script's folder)
+
+    cores = len(os.sched_getaffinity(0))
+    (lone,) = results([spawn(variant, cache, mode, threads=cores, batch=1, seconds=seconds)])
+    busy = results([spawn(variant, cache, mode, threads=1, batch=MAX_BATCH, seconds=seconds) for _ in range(cores)])
+    return {1: lone, MAX_BATCH: sum(busy)}
 
 
 def preprocess_ms(variant: str, data: bytes, repeats: int = 50) -> float:
@@ -215,8 +221,7 @@ def main() -> None:
 
         def sample(modes: list[str]) -> None:
             for mode in modes:
-                for batch in (1, MAX_BATCH):
-                    value = model_only_openvino(args.variant, weights, mode.split("-", 1)[1], batch)
+                for batch, value in model_only_served(args.variant, mode.split("-", 1)[1], tmp).items():
                     only.setdefault(mode, {}).setdefault(batch, []).append(value)
 
         if "ours" in args.systems:

@@ -115,10 +115,20 @@ def prepare(settings: Settings) -> int:
     with tempfile.TemporaryDirectory(prefix="crossvit-") as scratch:
         try:
             weights = load_weights(settings, Path(scratch))
-            spec = engine_config(settings, variant, weights).replicas[0]
-        except (WeightsError, RuntimeError, ValueError) as exc:
+        except WeightsError as exc:
             logger.error("cannot prepare: %s", exc)
             return 2
+        on_cuda = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
+        try:
+            choice = resolve_backend(settings.backend, "cuda" if on_cuda else "cpu", settings.precision)
+        except ValueError as exc:  # openvino asked for but not installed
+            logger.error("cannot prepare: %s", exc)
+            return 2
+        if choice.name == "torch":  # PyTorch loads the checkpoint as it is: nothing to convert
+            logger.info("prepared: weights verified; the torch backend converts nothing",
+                        extra={"sha256": weights.sha256})
+            return 0
+        spec = engine_config(settings, variant, weights).replicas[0]
         built, details = build_backend(spec, torch.device(spec.device))
     logger.info("prepared", extra={"backend": built.backend.name, "mode": built.backend.mode,
                                    "cache_dir": spec.cache_dir, **details})

@@ -10,6 +10,7 @@ import sys
 import time
 from types import FrameType
 
+import torch
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     _warn_unknown_env(set(Settings.model_fields))
     if prepare_only:
         return prepare(settings)
+    # This process never runs the model; its few tensor operations (slot copies, softmax, top-k)
+    # must not start a torch thread pool whose spinning threads compete with the workers' cores.
+    torch.set_num_threads(1)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

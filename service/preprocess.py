@@ -303,7 +303,10 @@ def _branch0(rgb: Image.Image, spec: InputSpec) -> torch.Tensor:
         pixels = _resize_crop(rgb, (new_width, new_height), (left, top), crop)  # (240, 240, 3) uint8
     else:  # a 100000x1 PNG would resize to 27 gigapixels: compute only the crop
         pixels = np.asarray(_resize_region(rgb, (new_width, new_height), (left, top), crop))
-    x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1).contiguous()  # (3, 240, 240)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
-    return x.div_(255).sub_(mean).div_(std)  # the same float32 operations, in order, as ToTensor + Normalize
+    x = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)  # (3, 240, 240), a copy
+    # The same float32 operations, in order, as ToTensor + Normalize (elementwise IEEE operations give
+    # the same bits in numpy as in torch); numpy, because torch would start its thread pool here.
+    x /= np.float32(255)
+    x -= np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
+    x /= np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
+    return torch.from_numpy(x)

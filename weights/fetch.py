@@ -18,7 +18,7 @@ from typing import BinaryIO, Literal
 from urllib.parse import urlsplit
 
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm import tqdm
@@ -101,12 +101,16 @@ def verify_checkpoint(variant: str, path: Path) -> str:
 def _fetch_hub(v: Variant, repo_id: str, dest: Path, *, progress: bool) -> tuple[Path, str]:
     cache = dest / CACHE_DIRNAME
     where = f"{HUB_FILENAME} from the Hugging Face hub repo {repo_id} at {hf_constants.ENDPOINT}"
-    logger.info("downloading %s", where)
-    if not hf_constants.HF_HUB_OFFLINE:
+    # Already fetched once: place it again from the cache, offline too; no pre-flight, no hub round trip.
+    cached = try_to_load_from_cache(repo_id, HUB_FILENAME, cache_dir=cache)
+    in_cache = isinstance(cached, str)
+    logger.info("placing %s from the fetch cache" if in_cache else "downloading %s", where)
+    if not in_cache and not hf_constants.HF_HUB_OFFLINE:
         _reachable(hf_constants.ENDPOINT, where)
     try:
         with _hub_progress(progress):
-            blob = Path(hf_hub_download(repo_id=repo_id, filename=HUB_FILENAME, cache_dir=cache)).resolve()
+            blob = Path(hf_hub_download(repo_id=repo_id, filename=HUB_FILENAME, cache_dir=cache,
+                                        local_files_only=in_cache)).resolve()
     except Exception as exc:  # huggingface_hub raises its own, httpx's and OSError hierarchies
         raise FetchError(f"could not download {where}: {_reason(exc)}; {OFFLINE_HINT}") from exc
     try:

@@ -1,17 +1,22 @@
 """Deployment files agree with the Kubernetes API, with the app's settings and routes, and with each other.
 
-No Docker engine or cluster here: everything is parsed (YAML, the Dockerfile's instructions,
-.dockerignore patterns) and checked against the Kubernetes schemas that kubernetes-validate
-ships, the `Settings` class, and the repository's own files.
+Every kustomization under deploy/ is rendered with `kubectl kustomize` (what `kubectl apply -k`
+applies) and the rendered objects are checked against the Kubernetes schemas that
+kubernetes-validate ships, the `Settings` class, and the repository's own files. The Dockerfile
+and .dockerignore are parsed; the healthchecks run against a stub server. `make image-test`
+(deploy/image_test.py) builds and runs the image itself.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import glob
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -27,10 +32,16 @@ import pytest
 import yaml
 
 from service.app import create_app
+from service.metrics import Metrics
 from service.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[2]
-K8S = REPO / "deploy" / "k8s"
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+BASE = K8S / "base"
+GPU = K8S / "overlays" / "gpu"
+QUEUE_HPA = K8S / "overlays" / "queue-hpa"
+BAKED = K8S / "overlays" / "baked-weights"
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE = REPO / "docker-compose.yml"
 
@@ -45,7 +56,7 @@ CROSSVIT_NAME = re.compile(r"\bCROSSVIT_[A-Z0-9_]+")
 Doc = dict[str, Any]
 
 
-# ---------------------------------------------------------------- helpers: YAML and a small kustomize
+# ---------------------------------------------------------------- helpers: YAML and kustomize
 
 
 def _docs(path: Path) -> list[Doc]:
@@ -58,23 +69,24 @@ def _kustomization(folder: Path) -> Doc:
     return data
 
 
-def _named(items: list[Any]) -> bool:
-    return all(isinstance(x, dict) and "name" in x for x in items)
+def _kustomizations() -> list[Path]:
+    """Every folder under deploy/ that `kubectl apply -k` can be pointed at."""
+    return sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml"))
 
 
-def _merge(base: Any, patch: Any) -> Any:
-    """Strategic merge as kustomize applies it to these files: maps merge, lists of named maps merge by name."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        merged = dict(base)
-        for key, value in patch.items():
-            merged[key] = _merge(base[key], value) if key in base else copy.deepcopy(value)
-        return merged
-    if isinstance(base, list) and isinstance(patch, list) and _named(base) and _named(patch):
-        by_name = {x["name"]: x for x in base}
-        merged_list = [_merge(by_name[x["name"]], x) if x["name"] in by_name else copy.deepcopy(x) for x in patch]
-        patched = {x["name"] for x in patch}
-        return [x for x in base if x["name"] not in patched] + merged_list
-    return copy.deepcopy(patch)
+@functools.cache
+def _render(folder: Path) -> tuple[Doc, ...]:
+    """What `kubectl kustomize folder` renders: exactly what `kubectl apply -k folder` would send."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed: the Kubernetes tests render every kustomization with it")
+    done = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, f"kubectl kustomize {folder} failed:\n{done.stderr}"
+    return tuple(d for d in yaml.safe_load_all(done.stdout) if d is not None)
+
+
+def _build(folder: Path) -> list[Doc]:
+    return copy.deepcopy(list(_render(folder)))
 
 
 def _pod_spec(doc: Doc) -> Doc:
@@ -84,48 +96,6 @@ def _pod_spec(doc: Doc) -> Doc:
 def _all_containers(doc: Doc) -> list[Doc]:
     spec = _pod_spec(doc)
     return [*spec.get("initContainers", []), *spec["containers"]]
-
-
-def _build(folder: Path) -> list[Doc]:
-    """What `kubectl kustomize folder` gives, for the features these kustomizations use."""
-    k = _kustomization(folder)
-    out: list[Doc] = []
-    for entry in k.get("resources", []):
-        target = (folder / entry).resolve()
-        out += _build(target) if target.is_dir() else copy.deepcopy(_docs(target))
-    for patch in k.get("patches", []):
-        (body,) = _docs(folder / patch["path"])
-        target = patch.get("target", {"kind": body["kind"], "name": body["metadata"]["name"]})
-        hits = [i for i, r in enumerate(out) if (r["kind"], r["metadata"]["name"]) == (target["kind"], target["name"])]
-        assert hits, f"{folder / patch['path']} patches nothing ({target})"
-        for i in hits:
-            out[i] = _merge(out[i], {k: v for k, v in body.items() if k not in ("apiVersion", "kind", "metadata")})
-    for image in k.get("images", []):
-        for doc in out:
-            for c in _all_containers(doc) if doc["kind"] == "Deployment" else []:
-                name, _, tag = c["image"].partition(":")
-                if name == image["name"]:
-                    c["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
-    for doc in out:
-        if "namespace" in k and doc["kind"] != "Namespace":
-            doc["metadata"]["namespace"] = k["namespace"]
-        for labels in k.get("labels", []):
-            doc["metadata"].setdefault("labels", {}).update(labels["pairs"])
-    return out
-
-
-def _overlays() -> list[Path]:
-    return [K8S, *sorted(p.parent for p in K8S.glob("*/kustomization.yaml"))]
-
-
-def _patch_files() -> set[Path]:
-    return {(folder / p["path"]).resolve() for folder in _overlays() for p in _kustomization(folder).get("patches", [])}
-
-
-def _manifest_files() -> list[Path]:
-    """Every complete Kubernetes manifest under deploy/k8s (not kustomizations, not patches)."""
-    skip = _patch_files()
-    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and p.resolve() not in skip)
 
 
 def _one(docs: list[Doc], kind: str) -> Doc:
@@ -145,7 +115,7 @@ def _port_number(container: Doc, port: int | str) -> int:
     return int(number)
 
 
-@pytest.fixture(params=_overlays(), ids=lambda p: p.relative_to(REPO).as_posix())
+@pytest.fixture(params=_kustomizations(), ids=lambda p: p.relative_to(REPO).as_posix())
 def built(request: pytest.FixtureRequest) -> list[Doc]:
     return _build(request.param)
 
@@ -157,7 +127,13 @@ def built(request: pytest.FixtureRequest) -> list[Doc]:
 class Stage:
     name: str
     base: str  # the image it starts from, through any stages it builds on
-    instructions: list[tuple[str, str]] = field(default_factory=list)
+    parent: Stage | None = None  # the stage it builds on, if any
+    own: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def instructions(self) -> list[tuple[str, str]]:
+        """Its own instructions after those of the stages it builds on (what the image inherits)."""
+        return [*(self.parent.instructions if self.parent else []), *self.own]
 
     def all(self, keyword: str) -> list[str]:
         return [args for kw, args in self.instructions if kw == keyword]
@@ -188,14 +164,14 @@ def _dockerfile() -> tuple[dict[str, str], dict[str, Stage]]:
         if keyword == "FROM":
             image, _, name = rest.partition(" AS ")
             base = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), image.strip())
-            base = stages[base].base if base in stages else base
-            current = stages[name.strip()] = Stage(name.strip(), base)
+            parent = stages.get(base)
+            current = stages[name.strip()] = Stage(name.strip(), parent.base if parent else base, parent)
         elif current is None:
             assert keyword == "ARG", f"only ARG may precede the first FROM, found {keyword}"
             key, _, value = rest.partition("=")
             args[key] = value.strip('"')
         else:
-            current.instructions.append((keyword, rest))
+            current.own.append((keyword, rest))
     return args, stages
 
 
@@ -207,8 +183,23 @@ def _env(stage: Stage) -> dict[str, str]:
 
 
 def _run_commands(stage: Stage) -> list[list[str]]:
-    """Each `&&`-separated command of the stage's RUN instructions, as shell words."""
-    return [shlex.split(part) for run in stage.all("RUN") for part in run.split("&&")]
+    """Each command of the stage's own RUN instructions (split at `&&`, `;`, if/else), as shell words."""
+    commands = []
+    for run in (args for kw, args in stage.own if kw == "RUN"):
+        run = re.sub(r"^(--mount=\S+\s+)+", "", run)
+        for part in re.split(r"&&|;|\bthen\b|\belse\b|\bfi\b", run):
+            words = shlex.split(part)
+            if words and words[0] == "if":
+                continue
+            if words:
+                commands.append(words)
+    return commands
+
+
+def _pip_installs(stage: Stage) -> list[list[str]]:
+    """The arguments after `pip install` of each pip command the stage runs."""
+    return [c[c.index("install") + 1:] for c in _run_commands(stage) if c[:3] == ["/opt/venv/bin/python", "-m", "pip"]
+            and "install" in c]
 
 
 def _final_stages() -> dict[str, Stage]:
@@ -289,39 +280,62 @@ def _service_link_vars(service: Doc) -> set[str]:
 # ================================================================ Kubernetes
 
 
+@pytest.mark.parametrize("folder", _kustomizations(), ids=lambda p: p.relative_to(REPO).as_posix())
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_every_manifest_matches_the_kubernetes_schema(version: str) -> None:
-    checked = 0
-    for path in _manifest_files():
-        for doc in _docs(path):
-            kubernetes_validate.validate(doc, version, strict=True)
-            checked += 1
-    for folder in _overlays():  # the patched results too
-        for doc in _build(folder):
-            kubernetes_validate.validate(doc, version, strict=True)
-    assert checked >= 7
+def test_every_kustomization_renders_objects_that_match_the_schema(folder: Path, version: str) -> None:
+    rendered = _render(folder)
+    assert {d["kind"] for d in rendered} == {
+        "Namespace", "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"
+    }
+    for doc in rendered:
+        kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_validation_would_catch_a_typo() -> None:
-    (deployment,) = _docs(K8S / "deployment.yaml")
-    broken = copy.deepcopy(deployment)
+    broken = _one(_build(BASE), "Deployment")
     _main_container(broken)["readinesProbe"] = _main_container(broken).pop("readinessProbe")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, K8S_VERSIONS[0], strict=True)
 
 
-def test_kustomization_lists_every_manifest_meant_to_be_applied() -> None:
-    listed = _kustomization(K8S)["resources"]
+def test_rendering_would_catch_an_overlay_inside_its_base(tmp_path: Path) -> None:
+    """The layout the README once had: kustomize refuses an overlay that lives inside its own base."""
+    shutil.copytree(BASE, tmp_path / "k8s")
+    (tmp_path / "k8s" / "gpu").mkdir()
+    (tmp_path / "k8s" / "gpu" / "kustomization.yaml").write_text("resources: [../]\n")
+    with pytest.raises(AssertionError, match="cycle detected"):
+        _render(tmp_path / "k8s" / "gpu")
+
+
+def test_base_and_overlays_are_siblings_and_list_every_file() -> None:
+    assert _kustomizations() == [BASE, *sorted((K8S / "overlays").iterdir())]
+    listed = _kustomization(BASE)["resources"]
     assert len(listed) == len(set(listed))
-    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-    # Subfolders are overlays (their own kustomization) or documented alternatives applied by hand.
-    for folder in (p for p in K8S.iterdir() if p.is_dir()):
-        assert (folder / "kustomization.yaml").is_file() or folder.name == "optional", folder
-    for overlay in _overlays()[1:]:
+    assert sorted(listed) == sorted(p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml")
+    for overlay in _kustomizations()[1:]:
         k = _kustomization(overlay)
-        assert [(overlay / r).resolve() for r in k["resources"]] == [K8S.resolve()]
-        assert all((overlay / p["path"]).is_file() for p in k["patches"])
-        assert {p.name for p in overlay.glob("*.yaml")} == {"kustomization.yaml", *(p["path"] for p in k["patches"])}
+        assert [(overlay / r).resolve() for r in k["resources"]] == [BASE.resolve()], overlay
+        patches = [p["path"] for p in k.get("patches", [])]
+        assert {p.name for p in overlay.iterdir()} == {"kustomization.yaml", *patches}, overlay
+    # no kustomization lies inside another's folder (kustomize's "cycle detected")
+    for outer in _kustomizations():
+        assert not [inner for inner in _kustomizations() if outer in inner.parents], outer
+
+
+def test_overlays_change_only_what_they_say(built: list[Doc]) -> None:
+    """Against the base, each overlay touches only its own objects' fields."""
+    base = {(d["kind"], d["metadata"]["name"]): d for d in _build(BASE)}
+    changed = {(d["kind"], d["metadata"]["name"]) for d in built if base[(d["kind"], d["metadata"]["name"])] != d}
+    name = "crossvit-serve"
+    expected = {
+        "base": set(),
+        "gpu": {("ConfigMap", "crossvit-serve-config"), ("Deployment", name), ("HorizontalPodAutoscaler", name)},
+        "queue-hpa": {("HorizontalPodAutoscaler", name)},
+        "baked-weights": {("Deployment", name)},
+    }
+    folders = {f.name: f for f in _kustomizations()}
+    (which,) = [n for n, f in folders.items() if _build(f) == built]
+    assert changed == expected[which]
 
 
 def test_built_resources_reference_each_other(built: list[Doc]) -> None:
@@ -417,9 +431,21 @@ def test_service_routes_to_the_app_and_its_links_cannot_collide(built: list[Doc]
 def test_init_container_fetches_into_the_servers_weights_dir(built: list[Doc], monkeypatch: pytest.MonkeyPatch) -> None:
     deployment, config = _one(built, "Deployment"), _one(built, "ConfigMap")
     settings = _validate_settings(config["data"], monkeypatch)
-    (init,) = _pod_spec(deployment)["initContainers"]
+    assert settings.fetch_weights is False  # the init container fetched (or the image has them): never refetch
+    inits = _pod_spec(deployment).get("initContainers", [])
+    server_mounts = {m["mountPath"]: m for m in _main_container(deployment)["volumeMounts"]}
+    weights = str(settings.weights_dir)
+    if not inits:  # baked-weights: the image's own /weights, no volume over it
+        assert weights not in server_mounts
+        assert _main_container(deployment)["image"].endswith(":cpu-18d")
+        return
+    init, prepare = inits  # fetch, then convert the model for the OpenVINO backend into the same volume
     scripts = _console_scripts()
     assert init["command"] == ["crossvit-weights"] and "crossvit-weights" in scripts
+    assert prepare["command"] == ["crossvit-serve"] and prepare["args"] == ["--prepare-only"]
+    assert "crossvit-serve" in scripts and prepare["envFrom"] == init["envFrom"]
+    assert prepare["image"] == init["image"] and prepare["volumeMounts"] == init["volumeMounts"]
+    assert settings.cache_dir is None  # the default, <weights_dir>/.cache/models, is on that volume
     args = init["args"]
     assert args[:2] == ["fetch", "$(CROSSVIT_MODEL)"]
     assert Path(args[args.index("--dest") + 1]) == settings.weights_dir
@@ -427,36 +453,54 @@ def test_init_container_fetches_into_the_servers_weights_dir(built: list[Doc], m
     assert set(re.findall(r"\$\((\w+)\)", " ".join(args))) <= known  # every $(VAR) expands
     assert init["image"] == _main_container(deployment)["image"]
     init_mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
-    server_mounts = {m["mountPath"]: m for m in _main_container(deployment)["volumeMounts"]}
-    weights = str(settings.weights_dir)
     assert init_mounts[weights]["name"] == server_mounts[weights]["name"]  # one shared volume
     assert not init_mounts[weights].get("readOnly") and server_mounts[weights]["readOnly"] is True
-    assert settings.fetch_weights is False  # the init container fetched; a missing file must fail, not refetch
+
+
+def test_baked_weights_overlay_drops_the_fetch_and_its_volume() -> None:
+    deployment = _one(_build(BAKED), "Deployment")
+    spec = _pod_spec(deployment)
+    assert "initContainers" not in spec
+    assert "weights" not in {v["name"] for v in spec["volumes"]}
+    assert {m["mountPath"] for m in _main_container(deployment)["volumeMounts"]} == {"/tmp", "/dev/shm"}
+    # the tag the overlay's comment builds with BAKE_WEIGHTS, which the Dockerfile's weights stages take
+    assert "BAKE_WEIGHTS=crossvit_18_dagger_240" in (BAKED / "kustomization.yaml").read_text()
+    assert _one(_build(BAKED), "ConfigMap")["data"]["CROSSVIT_MODEL"] == "crossvit_18_dagger_240"
 
 
 def test_gpu_overlay_requests_a_gpu_and_the_cuda_image(monkeypatch: pytest.MonkeyPatch) -> None:
-    built = _build(K8S / "gpu")
+    built = _build(GPU)
     deployment, config = _one(built, "Deployment"), _one(built, "ConfigMap")
     container = _main_container(deployment)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert all(c["image"].endswith(":cuda") for c in _all_containers(deployment))
-    assert _validate_settings(config["data"], monkeypatch).device == "cuda"
-    assert "cuda" in _final_stages()
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert {c["image"] for c in _all_containers(deployment)} == {"crossvit-serve:cuda"}
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert toleration in _pod_spec(deployment)["tolerations"]
+    settings = _validate_settings(config["data"], monkeypatch)
+    assert (settings.device, settings.workers, settings.max_batch_size) == ("cuda", 1, 32)
+    assert "cuda" in _final_stages() and _env(_final_stages()["cuda"])["CROSSVIT_DEVICE"] == "cuda"
+    # the base stays CPU-only
+    base = _one(_build(BASE), "Deployment")
+    assert "nvidia.com/gpu" not in _main_container(base)["resources"]["limits"]
+    assert _validate_settings(_one(_build(BASE), "ConfigMap")["data"], monkeypatch).device == "cpu"
 
 
-def test_queue_depth_hpa_uses_the_gauge_the_app_exports() -> None:
-    (hpa,) = _docs(K8S / "optional" / "hpa-queue-depth.yaml")
+def test_queue_hpa_overlay_scales_on_the_gauge_the_app_exports() -> None:
+    hpa = _one(_build(QUEUE_HPA), "HorizontalPodAutoscaler")
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods"
     assert metric["pods"]["metric"]["name"] == "crossvit_queue_depth_images"
-    assert hpa["metadata"]["name"] == _one(_build(K8S), "HorizontalPodAutoscaler")["metadata"]["name"]  # replaces it
+    exported = {m.name for m in Metrics(max_batch_size=8).registry.collect()}
+    assert "crossvit_queue_depth_images" in exported
+    assert hpa["spec"]["minReplicas"] == _one(_build(BASE), "HorizontalPodAutoscaler")["spec"]["minReplicas"]
 
 
 # ================================================================ settings named and valued in deploy files
 
 
 def _deploy_texts() -> dict[str, str]:
-    files = [DOCKERFILE, COMPOSE, REPO / "deploy" / "README.md", *sorted(K8S.rglob("*.yaml"))]
+    files = [DOCKERFILE, COMPOSE, DEPLOY / "README.md", DEPLOY / "image_test.py", *sorted(K8S.rglob("*.yaml"))]
     return {p.relative_to(REPO).as_posix(): p.read_text() for p in files}
 
 
@@ -465,7 +509,7 @@ def test_every_crossvit_name_is_a_setting() -> None:
     for name, text in _deploy_texts().items():
         used[name] = set(CROSSVIT_NAME.findall(text))
     # parsed, too: ConfigMap keys, env names, compose and Dockerfile ENV keys
-    for folder in _overlays():
+    for folder in _kustomizations():
         for doc in _build(folder):
             if doc["kind"] == "ConfigMap":
                 used.setdefault("configmaps", set()).update(doc["data"])
@@ -505,31 +549,57 @@ def test_invalid_values_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
 # ================================================================ Dockerfile and .dockerignore
 
 
-def test_dockerfile_targets_and_bases() -> None:
+def test_dockerfile_pulls_nothing_but_its_base_image() -> None:
+    """No `# syntax=` parser directive (BuildKit would pull that frontend image); every FROM is the base or a stage."""
+    first = DOCKERFILE.read_text().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first, re.IGNORECASE), first
+    args, stages = _dockerfile()
+    assert args["BASE_IMAGE"] == "python:3.11-slim"  # overridable: make image-test passes a local bookworm
+    assert {s.base for s in stages.values()} == {args["BASE_IMAGE"], "scratch"}
+
+
+def test_dockerfile_targets() -> None:
     args, stages = _dockerfile()
     final = _final_stages()
-    assert final["cpu"].base == "python:3.11-slim"
-    assert final["cuda"].base.startswith("nvidia/cuda:")
     assert list(stages)[-1] == "cpu"  # `docker build .` without --target builds the CPU image
-    cpu_torch = [c for c in _run_commands(stages["cpu-build"]) if "torch" in c]
-    assert cpu_torch and "--index-url" in cpu_torch[0]
-    index = cpu_torch[0][cpu_torch[0].index("--index-url") + 1]
-    assert index.strip("$") == "TORCH_CPU_INDEX" and args["TORCH_CPU_INDEX"] == "https://download.pytorch.org/whl/cpu"
-    cuda_torch = [c for c in _run_commands(stages["cuda-build"]) if "torch" in c]
-    assert cuda_torch and "--index-url" not in cuda_torch[0]  # PyPI's torch is the CUDA build
+    assert final["cpu"].base == final["cuda"].base == args["BASE_IMAGE"]
+    cuda = _env(final["cuda"])
+    assert "compute" in cuda["NVIDIA_DRIVER_CAPABILITIES"].split(",") and cuda["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert "NVIDIA_VISIBLE_DEVICES" not in _env(final["cpu"])
 
 
-def test_dockerfile_install_is_make_setups_pip_command() -> None:
-    recipe = [line.strip() for line in (REPO / "Makefile").read_text().splitlines() if " pip install " in line]
-    (make_install,) = recipe
-    words = shlex.split(make_install)[1:]  # drop $(PY)
-    assert "-e" in words and ".[dev]" in words
-    expected = [w for w in words if w != "-e"]
-    expected[expected.index(".[dev]")] = "."  # non-editable, without the dev extra
-    _, stages = _dockerfile()
-    for build in ("cpu-build", "cuda-build"):
-        commands = [c[1:] for c in _run_commands(stages[build]) if c[:1] == ["/opt/venv/bin/python"]]
-        assert expected in commands, (build, commands)
+def _lock_file(words: list[str]) -> str:
+    return words[words.index("-r") + 1]
+
+
+def test_images_install_exactly_the_lock() -> None:
+    """Every dependency comes from a lock file, hash-checked; what is not hashed is torch alone, pinned."""
+    args, stages = _dockerfile()
+    cuda, cpu = _pip_installs(stages["venv-cuda"]), _pip_installs(stages["venv-cpu"])
+    # cuda: serve.txt as locked (PyPI's CUDA torch), then the project without resolving anything
+    assert cuda[0] == ["-q", "--require-hashes", "-r", "requirements/serve.txt"]
+    # cpu: torch from TORCH_INDEX_URL at the locked version, the rest hash-checked; or serve.txt when it is empty
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    torch = [c for c in cpu if "--index-url" in c]
+    assert torch == [["-q", "--no-deps", "--index-url", "$TORCH_INDEX_URL", "-r", "requirements/torch.txt"]]
+    assert [_lock_file(c) for c in cpu if "--require-hashes" in c] == ["requirements/serve-cpu.txt",
+                                                                        "requirements/serve.txt"]
+    for installs in (cuda, cpu):
+        project = [c for c in installs if "-r" not in c]
+        assert project == [["-q", "--no-deps", "--no-build-isolation", "."]]
+        for words in installs:
+            assert "--require-hashes" in words or "--no-deps" in words, words  # nothing resolved freely
+            if "-r" in words:
+                assert (REPO / _lock_file(words)).is_file()
+    for name in ("venv-cuda", "venv-cpu"):
+        assert ["/opt/venv/bin/python", "-m", "pip", "check"] in _run_commands(stages[name]), name
+
+
+def test_make_setup_installs_the_dev_lock_the_same_way() -> None:
+    recipe = [shlex.split(line.strip()) for line in (REPO / "Makefile").read_text().splitlines()
+              if line.strip().startswith("$(PIP)")]
+    assert recipe == [["$(PIP)", "--require-hashes", "-r", "requirements/dev.txt"],
+                      ["$(PIP)", "--no-deps", "--no-build-isolation", "-e", "."]]
 
 
 def test_final_stages_run_as_a_user_and_serve() -> None:
@@ -544,16 +614,16 @@ def test_final_stages_run_as_a_user_and_serve() -> None:
         assert env["CROSSVIT_HOST"] == "0.0.0.0" and env["CROSSVIT_ALLOW_RANDOM_WEIGHTS"] == "false"
         assert env["CROSSVIT_WEIGHTS_DIR"] == "/weights"
         assert env["PATH"].startswith("/opt/venv/bin:")
-        # only built artefacts reach the final stage: the venv and the weights folder
+        # only built artefacts reach the final stage: its own target's venv and weights folder
         copies = [shlex.split(c) for c in stage.all("COPY")]
-        assert all(c[0].startswith("--from=") for c in copies), name
-        assert {c[-1] for c in copies} == {"/opt/venv", env["CROSSVIT_WEIGHTS_DIR"]}, name
+        assert {(c[0], c[-1]) for c in copies} == {(f"--from=venv-{name}", "/opt/venv"),
+                                                   (f"--from=weights-{name}", env["CROSSVIT_WEIGHTS_DIR"])}, name
 
 
 def test_bake_weights_fetches_into_the_weights_dir() -> None:
     _, stages = _dockerfile()
-    for name in ("cpu-weights", "cuda-weights"):
-        run = " ".join(stages[name].all("RUN"))
+    for name in ("weights-cpu", "weights-cuda"):
+        run = " ".join(args for kw, args in stages[name].own if kw == "RUN")
         assert 'crossvit-weights fetch "$BAKE_WEIGHTS" --dest /weights' in run, name
         assert "crossvit-weights verify /weights" in run, name
         assert "BAKE_WEIGHTS" in {a.partition("=")[0] for a in stages[name].all("ARG")}
@@ -568,10 +638,14 @@ def test_copy_sources_exist_and_are_in_the_build_context() -> None:
             if any(w.startswith("--from=") for w in words):
                 continue
             sources += [w for w in words[:-1] if not w.startswith("--")]
-    assert {"pyproject.toml", "README.md", "model", "service", "weights"} <= set(sources)
+    assert {"pyproject.toml", "README.md", "model", "service", "weights", "requirements/*.txt"} <= set(sources)
     for source in sources:
-        assert (REPO / source).exists(), source
-        assert not _ignored(source), f"{source} is COPY'd but .dockerignore leaves it out"
+        matches = glob.glob(source, root_dir=REPO)
+        assert matches, source
+        for match in matches:
+            assert not _ignored(match), f"{match} is COPY'd but .dockerignore leaves it out"
+    assert {f"requirements/{n}.txt" for n in ("serve", "serve-cpu", "torch")} <= set(glob.glob(
+        "requirements/*.txt", root_dir=REPO))
     # package data the image needs (pyproject's package-data) is not ignored either
     assert not _ignored("weights/imagenet_classes.txt")
 
@@ -582,7 +656,8 @@ def test_copy_sources_exist_and_are_in_the_build_context() -> None:
         ".venv/bin/python", ".git/HEAD", "weights/crossvit_18_dagger_240.safetensors",
         "weights/crossvit_18_dagger_224.pth", "weights/sub/x.bin", "weights/manifest.json",
         "weights/.cache/models--timm--x/blobs/abc", "model/__pycache__/crossvit.cpython-311.pyc",
-        "tests/model/test_crossvit.py", ".mypy_cache/3.11/x.json",
+        "tests/model/test_crossvit.py", ".mypy_cache/3.11/x.json", "build/image-test/build.log",
+        "build/lock-tool/bin/uv",
     ],
 )
 def test_dockerignore_leaves_out(path: str) -> None:
@@ -591,7 +666,8 @@ def test_dockerignore_leaves_out(path: str) -> None:
 
 @pytest.mark.parametrize(
     "path", ["pyproject.toml", "README.md", "model/crossvit.py", "service/settings.py", "weights/cli.py",
-             "weights/labels.py", "weights/imagenet_classes.txt"],
+             "weights/labels.py", "weights/imagenet_classes.txt", "requirements/serve.txt",
+             "requirements/serve-cpu.txt", "requirements/torch.txt"],
 )
 def test_dockerignore_keeps(path: str) -> None:
     assert not _ignored(path)
@@ -606,7 +682,7 @@ class _Health(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.seen.append(self.path)
-        self.send_response(self.status if self.path == "/healthz" else 404)
+        self.send_response(self.status if self.path == "/readyz" else 404)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -643,8 +719,20 @@ def _healthchecks() -> dict[str, list[str]]:
     return checks
 
 
+def test_compose_healthcheck_is_the_images() -> None:
+    checks = _healthchecks()
+    assert len({json.dumps(argv) for argv in checks.values()}) == 1, checks
+    (healthcheck,) = _final_stages()["cpu"].all("HEALTHCHECK")
+    compose = yaml.safe_load(COMPOSE.read_text())
+    for service in compose["services"].values():
+        for option in ("interval", "timeout", "retries", "start_period"):
+            flag = re.search(rf"--{option.replace('_', '-')}=(\S+)", healthcheck)
+            assert flag and str(service["healthcheck"][option]) == flag.group(1), option
+
+
 @pytest.mark.parametrize("name", sorted(_healthchecks()))
-def test_healthcheck_probes_healthz_on_the_configured_port(name: str, health_server: tuple[int, type[_Health]]) -> None:
+def test_healthcheck_probes_readyz_on_the_configured_port(name: str, health_server: tuple[int, type[_Health]]) -> None:
+    """Healthy means ready: Docker has no readiness of its own, and compose's service_healthy means 'can serve'."""
     port, handler = health_server
     argv = _healthchecks()[name]
     assert argv[:2] == ["python", "-c"]  # slim images have no curl
@@ -652,7 +740,7 @@ def test_healthcheck_probes_healthz_on_the_configured_port(name: str, health_ser
     env = {**os.environ, "CROSSVIT_PORT": str(port)}
     ok = subprocess.run([sys.executable, "-c", argv[2]], env=env, capture_output=True, timeout=30, check=False)
     assert ok.returncode == 0, ok.stderr
-    assert handler.seen == ["/healthz"] and "/healthz" in APP_ROUTES
+    assert handler.seen == ["/readyz"] and "/readyz" in APP_ROUTES
     handler.status = 503
     failing = subprocess.run([sys.executable, "-c", argv[2]], env=env, capture_output=True, timeout=30, check=False)
     assert failing.returncode != 0

@@ -68,8 +68,8 @@ def test_served_logits_match_timm_pipeline(
     served = _served_logits(backend_client, data, content_type)
     expected = _timm_logits(reference, data)
     assert F.cosine_similarity(served, expected, dim=0) >= 0.999
-    assert int(served.argmax()) == int(expected.argmax())
-    torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-4)  # fp32 server: far tighter in fact
+    assert served.topk(5).indices.tolist() == expected.topk(5).indices.tolist()
+    assert float((served - expected).abs().max() / expected.abs().max()) <= 1e-4  # fp32 on either backend
 
 
 def test_predictions_are_sorted_probabilities_and_labelled(client: httpx.Client) -> None:

@@ -121,6 +121,17 @@ def test_a_cached_model_computes_what_a_fresh_conversion_does(tmp_path: Path) ->
     torch.testing.assert_close(second.backend(x, 1).clone(), first.backend(x, 1).clone(), rtol=0, atol=0)
 
 
+def test_a_complete_entry_is_read_without_the_lock(tmp_path: Path) -> None:
+    """A cache baked into a read-only image: no lock file can be made, the entry is still used."""
+    _, ours = _timm_and_ours(VARIANT)
+    first, _ = _openvino(ours, "fp32", cache_dir=tmp_path)
+    for lock in tmp_path.glob("*.lock"):
+        lock.unlink()
+        lock.mkdir()  # opening it for writing fails, even for root
+    again, info = _openvino(ours, "fp32", cache_dir=tmp_path)
+    assert info["model_source"] == "cache"
+
+
 def test_an_unwritable_cache_still_serves(tmp_path: Path) -> None:
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")

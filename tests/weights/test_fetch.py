@@ -156,3 +156,25 @@ def test_a_proxy_skips_the_reachability_check(monkeypatch: pytest.MonkeyPatch) -
             monkeypatch.setenv(proxy, "http://proxy.invalid:3128")
             _reachable(url, "the checkpoint")  # no error: the proxy is the way out
             monkeypatch.delenv(proxy)
+
+
+def test_hub_replace_from_the_cache_works_offline(
+    tmp_path: Path, run_cli: RunCli, tiny_safetensors: bytes
+) -> None:
+    """A file already in the fetch cache is placed again without the hub: no reachability pre-flight."""
+    dest = tmp_path / "weights"
+    with serve_hub({"model.safetensors": tiny_safetensors}, TINY_REPO) as url:
+        first = run_cli(["fetch", TINY, "--dest", str(dest), "--no-progress"], {"HF_ENDPOINT": url})
+    assert first.returncode == 0, first.stderr
+    placed = dest / f"{TINY}.safetensors"
+    placed.unlink()
+    (dest / MANIFEST_NAME).unlink()
+    with unreachable_url() as url:  # the same endpoint the cache was filled from would be gone too
+        started = time.monotonic()
+        again = run_cli(["fetch", TINY, "--dest", str(dest), "--no-progress"], {"HF_ENDPOINT": url})
+        elapsed = time.monotonic() - started
+    assert again.returncode == 0, again.stderr
+    assert "from the fetch cache" in again.stderr and "is unreachable" not in again.stderr
+    assert placed.read_bytes() == tiny_safetensors
+    assert read_manifest(dest)[TINY].sha256 == hashlib.sha256(tiny_safetensors).hexdigest()
+    assert elapsed < 20, elapsed  # and no hub round trip: huggingface_hub's own retries would add seconds
