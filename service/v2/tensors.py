@@ -53,7 +53,7 @@ class Decoded:
 
     @property
     def count(self) -> int:
-        return len(self.images) if self.images is not None else len(self.pixels)  # type: ignore[arg-type]
+        return int(self.pixels.shape[0]) if self.pixels is not None else len(self.images or [])
 
     @property
     def top_k(self) -> int:
@@ -119,7 +119,7 @@ def _images(tensor: RequestInput, raw: bytes | None, limits: Limits) -> list[byt
     content_type = tensor.parameters.content_type if tensor.parameters else None
     if content_type not in (None, "base64"):
         raise _bad(f"input '{IMAGE}' as JSON holds base64 strings (content_type 'base64'), got {content_type!r}")
-    elements = _flat(tensor.data or [])
+    elements = tensor.data or []
     if len(elements) != count:
         raise _bad(f"input '{IMAGE}' holds {len(elements)} element(s); its shape gives {count}")
     images: list[bytes] = []

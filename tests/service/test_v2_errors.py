@@ -70,6 +70,7 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     ("deeply-nested-json", INFER, b"[" * 100_000 + b"]" * 100_000, {}, 400, "not valid JSON"),
     ("no-inputs-field", INFER, b'{"outputs": []}', {}, 400, "inputs: Field required"),
     ("bad-base64", INFER, *_json(_image(data=["not base64!"])), 400, "not valid standard base64"),
+    ("nested-image-data", INFER, *_json(_image(data=[[B64]])), 400, "must be a base64 string"),
     ("not-an-image", INFER, *_json(_image(data=[base64.b64encode(b"just some text").decode()])), 422,
      "not a readable image"),
     ("too-many-elements", INFER, *_json(_image(shape=[17], data=[B64] * 17)), 413, "limit is 16"),
