@@ -20,6 +20,7 @@ between the servers (the median stands), because shared cores drift over a run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -106,7 +107,9 @@ class Served:
 def measure_server(label: str, command: list[str], env: dict[str, str], image: Path, args: argparse.Namespace,
                    port: int) -> Served:
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+    # A session of its own: stopping a server stops every process it started (LitServe's inference
+    # workers outlive a SIGTERM to its main process and keep polling their queue at ~15 % of a core).
+    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_ready(url, process)
         mode = env.get("CROSSVIT_PRECISION", "")
@@ -125,7 +128,9 @@ def measure_server(label: str, command: list[str], env: dict[str, str], image: P
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            process.kill()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever it left behind
 
 
 def _timed(forward: Callable[[], object], batch: int, repeats: int, min_seconds: float) -> float:

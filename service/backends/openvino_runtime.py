@@ -1,7 +1,7 @@
 """The OpenVINO backend: our CrossViT converted to an OpenVINO model, compiled for this CPU.
 
-On this project's CPUs OpenVINO runs the model 2-2.4x faster than PyTorch eager in exact fp32
-(shared/docs/performance.md). The model is converted from the loaded `CrossViT` itself, with a
+On this project's CPUs OpenVINO runs the model faster than PyTorch eager, in exact fp32 and
+more so in bf16 (bench/README.md, "Model"). The model is converted from the loaded `CrossViT` itself, with a
 dynamic batch and the single branch-0 input: branch 1's bicubic resize is part of the graph.
 The graph ends at the two CLS features; the classifier heads run in PyTorch fp32, as under
 autocast (model.runtime): bf16 heads would round every logit to 8 significant bits.
