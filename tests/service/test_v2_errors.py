@@ -126,8 +126,8 @@ def test_bad_requests_are_clear_4xx_and_leave_good_ones_alone(server: str) -> No
     with ThreadPoolExecutor(8) as pool:
         good = [pool.submit(_good, server) for _ in range(3)]
         answers = dict(pool.map(send, CASES))
-        for future in good:
-            np.testing.assert_array_equal(future.result(), alone)
+        for future in good:  # batched with each other now: OpenVINO's sums may differ in the last bits
+            np.testing.assert_allclose(future.result(), alone, rtol=0, atol=1e-6)
     for name, _, _, _, status, words in CASES:
         _assert_v2_error(answers[name], status, words)
     assert httpx.get(f"{server}/v2/health/ready").status_code == 200
