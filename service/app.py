@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from model.variants import Variant, get_variant
 from weights.labels import imagenet_labels
 
-from . import __version__, errors, page, routes
+from . import __version__, errors, openapi, page, routes, v2
 from .backends import BackendChoice, resolve_backend
 from .devices import plan_workers, usable_cpus
 from .engine import Engine, EngineConfig
@@ -167,7 +167,9 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(routes.router)
+    app.include_router(v2.router(settings))
     app.include_router(page.router())
     errors.install(app)
+    openapi.install(app, settings, len(imagenet_labels()))
     app.add_middleware(RequestContext, metrics=metrics)
     return app

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from .agreement import Agreement, branch_agreement
-from .batcher import Batcher, Pending, WorkerOutput
+from .batcher import Batcher, Pending
 from .errors import DeadlineExceededError, NotReadyError, OverloadedError
 from .metrics import Metrics
 from .preprocess import InputSpec, Preprocessed, preprocess
@@ -58,6 +58,7 @@ class ImageResult:
 class Classification:
     results: list[ImageResult]
     timing_ms: dict[str, float]
+    logits: torch.Tensor  # (n, 2, C): each image's per-branch logits, for callers that want the raw tensor
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,25 @@ class Engine:
         self, images: Sequence[bytes], *, top_k: int, branches: bool, deadline: float
     ) -> Classification:
         """Classify every image or fail as a whole, naming the first bad image."""
+        return await self._classify(
+            len(images), lambda: self._preprocess(images, deadline), top_k=top_k, branches=branches, deadline=deadline
+        )
+
+    async def classify_pixels(
+        self, pixels: torch.Tensor, *, top_k: int, branches: bool, deadline: float
+    ) -> Classification:
+        """Classify already preprocessed inputs (n, 3, S, S), admitted, queued and batched as `classify`'s."""
+        side = pixels.shape[-1]
+
+        async def prepared() -> list[Preprocessed]:
+            return [Preprocessed(x, width=side, height=side, format="tensor") for x in pixels]
+
+        return await self._classify(len(pixels), prepared, top_k=top_k, branches=branches, deadline=deadline)
+
+    async def _classify(
+        self, count: int, prepare: Callable[[], Awaitable[list[Preprocessed] | None]], *, top_k: int,
+        branches: bool, deadline: float,
+    ) -> Classification:
         started = time.monotonic()
         timing: dict[str, float] = {}
 
@@ -252,11 +272,11 @@ class Engine:
                 f"the request deadline passed during {stage}", extra={"timing_ms": dict(timing)}
             )
 
-        with self._admitted(len(images)):
-            reserved = len(images)
+        with self._admitted(count):
+            reserved = count
             try:
                 try:
-                    prepared = await self._preprocess(images, deadline)
+                    prepared = await prepare()
                 finally:
                     timing["decode"] = _ms(time.monotonic() - started)
                 if prepared is None:
@@ -273,10 +293,11 @@ class Engine:
                 self._reserved -= reserved
         timing["queue"] = _ms(max(o.queue_s for o in outputs))
         timing["inference"] = _ms(max(o.inference_s for o in outputs))
-        results = self._results(prepared, outputs, top_k, branches)
-        self._metrics.images.inc(len(images))
+        logits = torch.stack([o.logits for o in outputs])  # (n, 2, C)
+        results = self._results(prepared, logits, top_k, branches)
+        self._metrics.images.inc(count)
         timing["total"] = _ms(time.monotonic() - started)
-        return Classification(results, timing)
+        return Classification(results, timing, logits)
 
     async def _preprocess(self, images: Sequence[bytes], deadline: float) -> list[Preprocessed] | None:
         loop = asyncio.get_running_loop()
@@ -304,9 +325,8 @@ class Engine:
         ]
 
     def _results(
-        self, prepared: list[Preprocessed], outputs: list[WorkerOutput], top_k: int, branches: bool
+        self, prepared: list[Preprocessed], logits: torch.Tensor, top_k: int, branches: bool
     ) -> list[ImageResult]:
-        logits = torch.stack([o.logits for o in outputs])  # (n, 2, C)
         mean = self._top(logits.mean(dim=1), top_k)  # the model's output: mean over branches
         per_branch = [self._top(logits[:, b], top_k) for b in range(2)] if branches else None
         agreement = branch_agreement(logits)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from typing import Annotated, Any, TypedDict
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypedDict, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
-from .engine import Classification, Engine
+from .engine import Engine
 from .errors import InvalidParameterError, UnauthorizedError, error_body
 from .inputs import MULTIPART_FIELD, RAW_IMAGE_TYPES, read_images
 from .loading import LoadedWeights
@@ -20,7 +21,9 @@ from .metrics import Metrics
 from .schemas import ClassifyJSON, ClassifyResponse, ErrorResponse, Health, ModelCard, Readiness
 from .settings import Settings
 
-__all__ = ["AppState", "router"]
+__all__ = ["AppState", "EngineDep", "SettingsDep", "deadline", "require_api_key", "router", "until_client_leaves"]
+
+T = TypeVar("T")
 
 
 class AppState(TypedDict):
@@ -69,7 +72,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_errors(401))
 
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_BINARY = {"schema": {"type": "string", "format": "binary", "minLength": 1}}  # maxLength: service.openapi
 _CLASSIFY_BODY = {
     "requestBody": {
         "required": True,
@@ -78,7 +81,9 @@ _CLASSIFY_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {MULTIPART_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "properties": {MULTIPART_FIELD: {
+                        "type": "array", "minItems": 1, "items": {"type": "string", "format": "binary", "minLength": 1}
+                    }},  # maxItems: service.openapi
                     "required": [MULTIPART_FIELD],
                 }
             },
@@ -93,6 +98,26 @@ async def _client_gone(request: Request) -> None:
     """Returns when the client disconnects (the body has been read by then)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def deadline(started: float, settings: Settings, timeout_ms: int | None) -> float:
+    """When a request must be answered: the server's limit, or the client's X-Request-Timeout-Ms if sooner."""
+    budget_s = settings.request_timeout_s if timeout_ms is None else min(settings.request_timeout_s, timeout_ms / 1000)
+    return started + budget_s
+
+
+async def until_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """The work's result; if the client disconnects first, the work is cancelled so that its images
+    leave the queue before they take device time, and the request ends as a disconnect."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_gone(request))
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientDisconnect()  # answered like a client that left mid-body (service.errors)
+    gone.cancel()
+    return task.result()
 
 
 @v1.post(
@@ -117,24 +142,14 @@ async def classify(
     card = request.state.model_card
     if top_k > card["labels"]:
         raise InvalidParameterError(f"top_k must be between 1 and {card['labels']}, got {top_k}")
-    budget_s = settings.request_timeout_s
-    if x_request_timeout_ms is not None:
-        budget_s = min(budget_s, x_request_timeout_ms / 1000)
     uploads = await read_images(
         request, max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request
     )
     request.state.images = len(uploads)
-    work = asyncio.ensure_future(
-        engine.classify([u.data for u in uploads], top_k=top_k, branches=branches, deadline=started + budget_s)
+    answer_by = deadline(started, settings, x_request_timeout_ms)
+    result = await until_client_leaves(
+        request, engine.classify([u.data for u in uploads], top_k=top_k, branches=branches, deadline=answer_by)
     )
-    gone = asyncio.ensure_future(_client_gone(request))
-    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if not work.done():  # the client went away: drop its images before they take device time
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        raise ClientDisconnect()  # answered like a client that left mid-body (service.errors)
-    gone.cancel()
-    result: Classification = work.result()
     request.state.timing_ms = result.timing_ms
     resolutions = card["input"]["resolutions"]
     return {

@@ -73,7 +73,8 @@ class ClassifyJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     images: list[str] = Field(
-        description="standard base64 images, each optionally prefixed with data:image/...;base64,"
+        description="standard base64 images, each optionally prefixed with data:image/...;base64,",
+        json_schema_extra={"minItems": 1, "items": {"type": "string", "format": "byte"}},  # maxItems: service.openapi
     )
 
 
