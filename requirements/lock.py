@@ -129,8 +129,11 @@ def _compile(uv: str, requirements: Iterable[str], extra_args: Sequence[str], wo
     done = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"uv pip compile failed for {name}:\n{done.stderr}")
-    # the "via -r <tmp>/x.in" annotations name a temporary file: say what it stands for
-    return done.stdout.replace(f"-r {source.name}", "pyproject.toml")
+    # the "via" annotations name a temporary file and this checkout's path: say what they stand for,
+    # so that the lock is the same wherever `make lock` runs
+    return done.stdout.replace(f"-r {source.name}", "pyproject.toml").replace(
+        f"-c {CONSTRAINTS}", "-c requirements/constraints.txt"
+    )
 
 
 def lock(uv: str) -> None:
