@@ -43,6 +43,7 @@ COPY pyproject.toml README.md /src/
 COPY model /src/model
 COPY service /src/service
 COPY weights /src/weights
+COPY client /src/client
 
 FROM build AS venv-cuda
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca \

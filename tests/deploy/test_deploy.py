@@ -638,7 +638,11 @@ def test_copy_sources_exist_and_are_in_the_build_context() -> None:
             if any(w.startswith("--from=") for w in words):
                 continue
             sources += [w for w in words[:-1] if not w.startswith("--")]
-    assert {"pyproject.toml", "README.md", "model", "service", "weights", "requirements/*.txt"} <= set(sources)
+    # every package pyproject.toml installs is copied: `pip install .` fails on a missing one
+    line = re.search(r"^packages = (\[.*\])$", (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert line, "pyproject.toml lists its packages on one line"
+    packages = json.loads(line.group(1))
+    assert {"pyproject.toml", "README.md", "requirements/*.txt", *packages} <= set(sources)
     for source in sources:
         matches = glob.glob(source, root_dir=REPO)
         assert matches, source
@@ -667,7 +671,7 @@ def test_dockerignore_leaves_out(path: str) -> None:
 @pytest.mark.parametrize(
     "path", ["pyproject.toml", "README.md", "model/crossvit.py", "service/settings.py", "weights/cli.py",
              "weights/labels.py", "weights/imagenet_classes.txt", "requirements/serve.txt",
-             "requirements/serve-cpu.txt", "requirements/torch.txt"],
+             "requirements/serve-cpu.txt", "requirements/torch.txt", "client/cli.py"],
 )
 def test_dockerignore_keeps(path: str) -> None:
     assert not _ignored(path)
