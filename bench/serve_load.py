@@ -107,9 +107,12 @@ class Served:
 def measure_server(label: str, command: list[str], env: dict[str, str], image: Path, args: argparse.Namespace,
                    port: int) -> Served:
     url = f"http://127.0.0.1:{port}"
-    # A session of its own: stopping a server stops every process it started (LitServe's inference
-    # workers outlive a SIGTERM to its main process and keep polling their queue at ~15 % of a core).
-    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, start_new_session=True)
+    # A process group of its own: stopping a server stops every process it started (LitServe's
+    # inference workers outlive a SIGTERM to its main process and keep polling their queue at ~15 %
+    # of a core). Not a session of its own: that would also be a scheduler autogroup of its own, out
+    # of the priority a benchmark run may be given (setsid + /proc/self/autogroup).
+    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                               preexec_fn=os.setpgrp)
     try:
         wait_ready(url, process)
         mode = env.get("CROSSVIT_PRECISION", "")
