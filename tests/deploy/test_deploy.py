@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -233,6 +234,13 @@ def _dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
                 regex, i = regex + re.escape(pattern[i]), i + 1
         patterns.append((negate, re.compile(regex)))
     return patterns
+
+
+def _pyproject_packages() -> list[str]:
+    """The package patterns pyproject.toml's setuptools `packages.find` includes."""
+    line = re.search(r"^include = (\[.*\])$", (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert line, "pyproject.toml lists [tool.setuptools.packages.find] include on one line"
+    return list(json.loads(line.group(1)))
 
 
 def _ignored(path: str) -> bool:
@@ -639,9 +647,7 @@ def test_copy_sources_exist_and_are_in_the_build_context() -> None:
                 continue
             sources += [w for w in words[:-1] if not w.startswith("--")]
     # every package pyproject.toml installs is copied: `pip install .` fails on a missing one
-    line = re.search(r"^packages = (\[.*\])$", (REPO / "pyproject.toml").read_text(), re.MULTILINE)
-    assert line, "pyproject.toml lists its packages on one line"
-    packages = json.loads(line.group(1))
+    packages = {name.partition(".")[0] for name in _pyproject_packages()}
     assert {"pyproject.toml", "README.md", "requirements/*.txt", *packages} <= set(sources)
     for source in sources:
         matches = glob.glob(source, root_dir=REPO)
@@ -652,6 +658,29 @@ def test_copy_sources_exist_and_are_in_the_build_context() -> None:
         "requirements/*.txt", root_dir=REPO))
     # package data the image needs (pyproject's package-data) is not ignored either
     assert not _ignored("weights/imagenet_classes.txt")
+
+
+def test_a_built_wheel_holds_every_module(tmp_path: Path) -> None:
+    """What the image installs (`pip install .`, not editable) has every module of the source tree:
+    a package missing from pyproject's list passes every editable-install test and fails only in
+    the image."""
+    source = tmp_path / "src"
+    keep = ["pyproject.toml", "README.md", *{n.partition(".")[0] for n in _pyproject_packages()}]
+    for name in keep:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            source.mkdir(exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    modules = {p.relative_to(source).as_posix() for p in source.rglob("*.py")}  # before the build's build/
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "-w", str(tmp_path / "dist"), str(source)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        packaged = set(archive.namelist())
+    assert modules - packaged == set()
+    assert {"weights/imagenet_classes.txt", "service/static/index.html"} <= packaged
 
 
 @pytest.mark.parametrize(
