@@ -54,16 +54,23 @@ def tiff_one_block_per_row(rows: int, *, order: str = "<", big: bool = False, ti
     width, fmt = 1, {"<": "II", ">": "MM"}[order]
     tags = [(256, 4, 1, width), (257, 4, 1, rows), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (277, 3, 1, 1)]
     tags += [(322, 4, 1, 1), (323, 4, 1, 1)] if tiles else [(278, 4, 1, 1)]
-    entry, count_fmt, head = ("HHQQ", "Q", 16) if big else ("HHII", "H", 8)
-    ifd_size = struct.calcsize(order + count_fmt) + (len(tags) + 1) * struct.calcsize(order + entry) + (8 if big else 4)
+    count_fmt, field, head = ("Q", "Q", 16) if big else ("H", "I", 8)
+    entry_size = 4 + 2 * struct.calcsize(field)
+    ifd_size = struct.calcsize(count_fmt) + (len(tags) + 1) * entry_size + struct.calcsize(field)
     offsets_at = head + ifd_size
     data_at = offsets_at + 4 * rows
     tags.append((324 if tiles else 273, 4, rows, offsets_at))
     tags.sort()
+
+    def entry(tag: int, kind: int, count: int, value: int) -> bytes:
+        # a single value sits left-justified in the value field; an array's offset fills it
+        packed = struct.pack(order + ("H" if kind == 3 else "I"), value) if count == 1 else struct.pack(
+            order + field, value)
+        return struct.pack(order + "HH" + field, tag, kind, count) + packed.ljust(struct.calcsize(field), b"\0")
+
     header = (fmt.encode() + struct.pack(order + "HHHQ", 43, 8, 0, head) if big
               else fmt.encode() + struct.pack(order + "HI", 42, head))
-    ifd = struct.pack(order + count_fmt, len(tags)) + b"".join(struct.pack(order + entry, *t) for t in tags)
-    ifd += bytes(8 if big else 4)
+    ifd = struct.pack(order + count_fmt, len(tags)) + b"".join(entry(*t) for t in tags) + bytes(struct.calcsize(field))
     offsets = (data_at + np.arange(rows, dtype=np.uint32) * width).astype(order + "u4").tobytes()
     return header + ifd + offsets + bytes(width * rows)
 
@@ -124,9 +131,13 @@ def test_other_formats_pil_knows_are_415_by_signature(pil_format: str, spec: Inp
 # -- TIFF layout -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("order", "big", "tiles"), [
-    ("<", False, False), (">", False, False), ("<", True, False), ("<", False, True),
-])
+TIFF_LAYOUTS = {  # byte order, BigTIFF, tiles
+    "strips": ("<", False, False), "big-endian": (">", False, False), "bigtiff": ("<", True, False),
+    "tiles": ("<", False, True),
+}
+
+
+@pytest.mark.parametrize(("order", "big", "tiles"), list(TIFF_LAYOUTS.values()), ids=list(TIFF_LAYOUTS))
 def test_a_tiff_with_a_strip_per_row_is_refused_before_pillow_expands_it(
     order: str, big: bool, tiles: bool, spec: InputSpec
 ) -> None:
@@ -141,8 +152,9 @@ def test_a_tiff_with_a_strip_per_row_is_refused_before_pillow_expands_it(
     assert "1000000 strips or tiles" in caught.value.message
 
 
-def test_a_tiff_at_the_block_limit_still_decodes(spec: InputSpec) -> None:
-    data = tiff_one_block_per_row(MAX_TIFF_BLOCKS)
+@pytest.mark.parametrize(("order", "big", "tiles"), list(TIFF_LAYOUTS.values()), ids=list(TIFF_LAYOUTS))
+def test_a_tiff_at_the_block_limit_still_decodes(order: str, big: bool, tiles: bool, spec: InputSpec) -> None:
+    data = tiff_one_block_per_row(MAX_TIFF_BLOCKS, order=order, big=big, tiles=tiles)
     with Image.open(io.BytesIO(data)) as image:  # the crafted file is a real TIFF
         assert image.format == "TIFF" and len(image.tile) == MAX_TIFF_BLOCKS
     result = preprocess(data, spec, max_pixels=MAX_PIXELS)
