@@ -3,21 +3,33 @@
 `preprocess` is the one entry point; the service calls it from a thread pool, so it is a pure
 function of its arguments and changes no global state (PIL's settings and warning filters included).
 
-1. Header (``Image.open`` is lazy and reads only the header): an image PIL cannot identify is 422
-   ``invalid_image`` (SVG, sniffed, is 415 ``unsupported_image_format``); a format outside
-   ALLOWED_FORMATS is 415; more than ``max_pixels`` pixels is 413 ``image_too_large``, before any
-   pixel is decoded. PIL's own check inside ``Image.open`` (``Image.MAX_IMAGE_PIXELS`` = 89.5 MP: a
+1. Header (``Image.open`` is lazy and reads only the header; it may try only the ALLOWED_FORMATS'
+   parsers, so no other plugin ever parses a client's bytes): an image those parsers cannot identify
+   is 415 ``unsupported_image_format`` when its signature names another format PIL knows (SVG,
+   sniffed; ICO, PCX, PPM, a TGA footer, ...), else 422 ``invalid_image`` (SPIDER has no signature);
+   whatever a parser raises (OverflowError, MemoryError, ...) is 422. A TIFF whose first directory
+   lists more than MAX_TIFF_BLOCKS strips or tiles is 413 ``image_too_large``, read from the header
+   before Pillow builds a record per block. More than ``max_pixels`` pixels is 413, before any pixel
+   is decoded. PIL's own check inside ``Image.open`` (``Image.MAX_IMAGE_PIXELS`` = 89.5 MP: a
    DecompressionBombWarning past it, an error past twice it) is caught and answered 413 as well; keep
-   ``max_pixels`` below 89.5 MP (the default 40 MP is) so PIL's warning never fires first.
+   ``max_pixels`` below 89.5 MP (the default 40 MP is) so PIL's warning never fires first. Then an
+   image whose decode, conversion and resize would need more than DECODE_BYTES_PER_PIXEL x
+   ``max_pixels`` bytes (``decode_bytes``, from its mode and size) is 413 too: each decoding thread
+   holds at most that much.
 2. Decode: the first frame (GIF, animated WebP, multi-page TIFF); large JPEGs at a reduced DCT scale
    (draft mode, see DRAFT_SAFETY_FACTOR); EXIF orientation applied; then to 8-bit RGB:
-   - RGB as is; L, 1, P, CMYK, YCbCr, LAB, HSV through PIL's ``convert("RGB")``, as timm does;
+   - RGB as is; 1, P, CMYK, YCbCr, LAB, HSV through PIL's ``convert("RGB")``, as timm does;
    - alpha (RGBA, LA, PA, P or L/RGB with a ``transparency`` key) composited over BACKGROUND;
      timm's ``convert("RGB")`` drops alpha instead, showing whatever colour transparent pixels hold;
    - 16-bit integers (I;16, I;16B, I;16L, I;16N, and I, PIL's mode for 16- and 32-bit integer data):
      clipped to [0, 65535], scaled by 255 / 65535 and rounded, so a 16-bit gradient stays a gradient
      (PIL's ``convert`` clips at 255);
-   - F (float): a [0, 1] image (max <= 1.0) is scaled by 255; then clipped to [0, 255] and rounded.
+   - F (float): a [0, 1] image (max <= 1.0) is scaled by 255; then clipped to [0, 255] and rounded;
+   - both a strip of rows at a time, to 8-bit L. L (and so these) stays L through the resize, its
+     one channel then tripled: bit for bit what ``convert("RGB")`` before the resize gives (PIL
+     resamples each channel alike), at a quarter of the memory.
+   A decode whose request is gone stops at its next checkpoint (each read of the upload, each stage,
+   each strip) with DecodeCancelled, so abandoned work frees the decode threads.
 3. Tensors, as timm's ``create_transform`` for the variant: shorter side to ``resize_size`` with PIL's
    bicubic (torchvision's ``Resize`` on a PIL image), centre crop to ``crop_size`` (torchvision's
    offsets), ``/ 255``, normalise -> the (3, 240, 240) input. Branch 1's 224 px input is derived from it
