@@ -349,19 +349,22 @@ def _decode_rgb(
     Refuses an image whose decode would need more than DECODE_BYTES_PER_PIXEL x max_pixels bytes,
     from its mode and (drafted) size, before any pixel is decoded.
     """
+    full_width, full_height = image.size
     if draft and image.format in ("JPEG", "MPO"):
         # Pillow picks the smallest 1/2^k scale whose sides are >= the requested size.
         side = math.ceil(DRAFT_SAFETY_FACTOR * spec.resize_size)
         image.draft(image.mode, (side, side))
-    need, budget = decode_bytes(image.mode, image.size, transparency="transparency" in image.info), (
-        DECODE_BYTES_PER_PIXEL * max_pixels
-    )
+    need = decode_bytes(image.mode, image.size, transparency="transparency" in image.info)
+    if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
+        # libjpeg holds every DCT coefficient (2 bytes) of a progressive JPEG at full size, draft or not
+        need += 2 * len(image.getbands()) * full_width * full_height
+    budget = DECODE_BYTES_PER_PIXEL * max_pixels
     if need > budget:
         width, height = image.size
         raise ImageTooLargeError(
             f"a {width}x{height} image in pixel mode {image.mode} needs {need // 2**20} MiB to decode; the limit is "
-            f"{budget // 2**20} MiB ({DECODE_BYTES_PER_PIXEL} bytes x {max_pixels} pixels): send it smaller, "
-            "or as 8-bit RGB", index=index,
+            f"{budget // 2**20} MiB ({DECODE_BYTES_PER_PIXEL} bytes x {max_pixels} pixels): send it smaller"
+            + ("" if image.mode == "RGB" else ", or as 8-bit RGB"), index=index,
         )
     try:
         image.load()
