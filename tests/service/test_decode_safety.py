@@ -313,3 +313,18 @@ def test_abandoned_decodes_stop_and_leave_the_pool_free(served: CliServer, heavy
         assert response.status_code == 200
         assert waited < 3.0, f"{waited:.2f} s"  # measured 0.16 s; a 40 MP 16-bit decode that ran on: 0.7-19 s
         assert preprocess_count(client) - decoded == 1  # only the normal request's image was decoded to the end
+
+
+def test_a_disconnected_clients_decodes_stop(served: CliServer, heavy: bytes) -> None:
+    """A client that leaves mid-decode: its request is cancelled, and so are its decodes."""
+    small = encode(photo(), "JPEG")
+    with httpx.Client(base_url=served.url, timeout=60) as client:
+        decoded = preprocess_count(client)
+        files = [("images", (f"{i}.png", heavy, "image/png")) for i in range(16)]
+        with pytest.raises(httpx.ReadTimeout):  # a 40 MP decode takes 0.7 s or more: the client leaves first
+            client.post("/v1/classify", files=files, timeout=httpx.Timeout(60, read=0.2))
+        begun = time.perf_counter()
+        assert classify(client, [small]).status_code == 200
+        waited = time.perf_counter() - begun
+        assert waited < 3.0, f"{waited:.2f} s"
+        assert preprocess_count(client) - decoded == 1  # only the normal request's image
