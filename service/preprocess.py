@@ -38,6 +38,7 @@ function of its arguments and changes no global state (PIL's settings and warnin
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -219,7 +220,7 @@ def _open_checked(
             "save it with larger strips (any image editor's default does)", index=index,
         )
     try:
-        image = Image.open(_CheckedBytesIO(data, checkpoint), formats=_OPEN_FORMATS)
+        image = Image.open(_CheckedBytesIO(data, checkpoint), formats=_openers())
     except _BOMB as exc:
         match = _PIL_PIXELS.search(str(exc))
         size = f"{int(match.group(1))} pixels" if match else "too many pixels"
@@ -254,6 +255,13 @@ def _open_checked(
         image.close()
         raise InvalidImageError(f"image is {width}x{height}: it has no pixels", index=index)
     return image
+
+
+@functools.cache
+def _openers() -> tuple[str, ...]:
+    """_OPEN_FORMATS that this Pillow registers: Image.open fails outright on a name it lacks."""
+    Image.init()
+    return tuple(name for name in _OPEN_FORMATS if name in Image.OPEN)
 
 
 def _other_format(data: bytes) -> str | None:
