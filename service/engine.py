@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -24,7 +25,7 @@ from .agreement import Agreement, branch_agreement
 from .batcher import Batcher, Pending
 from .errors import DeadlineExceededError, NotReadyError, OverloadedError
 from .metrics import Metrics
-from .preprocess import InputSpec, Preprocessed, preprocess
+from .preprocess import DecodeCancelled, InputSpec, Preprocessed, preprocess
 from .replica import ReplicaSpec
 from .workers import WorkerPool
 
@@ -300,18 +301,30 @@ class Engine:
         return Classification(results, timing, logits)
 
     async def _preprocess(self, images: Sequence[bytes], deadline: float) -> list[Preprocessed] | None:
+        """Decode every image in the thread pool; once the request is gone (deadline, a failed image,
+        a disconnect) its decodes stop at their next checkpoint and queued ones never start."""
         loop = asyncio.get_running_loop()
         spec, max_pixels = self._config.input_spec, self._config.max_image_pixels
+        gone = threading.Event()
 
         def run(index: int, data: bytes) -> Preprocessed:
             begun = time.perf_counter()
+            finished = True
             try:
-                return preprocess(data, spec, max_pixels=max_pixels, index=index)
+                return preprocess(data, spec, max_pixels=max_pixels, index=index, cancelled=gone)
+            except DecodeCancelled:
+                finished = False
+                raise
             finally:
-                self._metrics.preprocess.observe(time.perf_counter() - begun)
+                if finished:  # a stopped decode's time says nothing about decoding
+                    self._metrics.preprocess.observe(time.perf_counter() - begun)
 
-        jobs = [loop.run_in_executor(self._executor, functools.partial(run, i, data)) for i, data in enumerate(images)]
-        return await _settle(jobs, deadline)
+        jobs = [loop.run_in_executor(self._executor, functools.partial(run, i, data))
+                for i, data in enumerate(images)]
+        try:
+            return await _settle(jobs, deadline)
+        finally:
+            gone.set()  # harmless once every job is done
 
     def _top(self, logits: torch.Tensor, top_k: int) -> list[list[Prediction]]:
         probabilities = logits.softmax(dim=-1)

@@ -433,22 +433,24 @@ def test_draft_mode_with_exif_rotation_reports_the_upright_full_size(spec: Input
     assert max_diff(drafted.pixels, full.pixels) <= DRAFT_MAX_ABS
 
 
-def test_an_extreme_aspect_ratio_costs_no_more_than_a_crop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [(20000, 1), (1, 20000)], ids=["wide", "tall"])
+def test_an_extreme_aspect_ratio_costs_no_more_than_a_crop(size: tuple[int, int], tmp_path: Path) -> None:
     """A 20000x1 PNG is 20000 pixels, far under the limit; resizing all of it to a shorter side of
-    274 would make a 5.5-million-pixel-wide, 4.5 GB image. Only the cropped region is resampled, so
-    peak memory stays that of the interpreter (measured in a fresh process, so nothing else counts)."""
+    274 would make a 5.5-million-pixel-wide, 4.5 GB image (1x20000: 5.5 million rows, 6 GB as RGB).
+    Only the cropped region is resampled, so peak memory stays that of the interpreter (measured in
+    a fresh process, so nothing else counts)."""
     if not Path("/proc/self/status").exists():
         pytest.skip("reads the peak RSS from Linux's /proc")
     path = tmp_path / "line.png"
     line = np.tile(np.arange(256, dtype=np.uint8), 20000 // 256 + 1)[:20000]
-    Image.fromarray(line[None, :], "L").save(path)
+    Image.fromarray(line.reshape(size[1], size[0]), "L").save(path)
     script = (
         "import re, sys\n"
         "from model.variants import get_variant\n"
         "from service.preprocess import InputSpec, preprocess\n"
         "spec = InputSpec.from_variant(get_variant('crossvit_tiny_240'))\n"
         "result = preprocess(open(sys.argv[1], 'rb').read(), spec, max_pixels=40_000_000)\n"
-        "assert result.pixels.isfinite().all() and (result.width, result.height) == (20000, 1)\n"
+        f"assert result.pixels.isfinite().all() and (result.width, result.height) == {size}\n"
         # VmHWM, not ru_maxrss: Linux carries the parent's peak into ru_maxrss across fork and exec.
         "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) // 1024)\n"
     )
