@@ -76,8 +76,8 @@ def build_backend(spec: ReplicaSpec, device: torch.device) -> tuple[Built, dict[
     if spec.weights is not None and (found := file_sha256(spec.weights)) != spec.weights_sha256:
         # a restarted worker must not serve a file replaced since start-up under the old sha256
         raise WeightsChangedError(
-            f"{spec.weights} now hashes to sha256 {found}, not the {spec.weights_sha256} verified at start-up; "
-            "refusing to load it (restart the server to serve the new file)"
+            f"{Path(spec.weights).name} now hashes to sha256 {found}, not the {spec.weights_sha256} verified at "
+            "start-up; refusing to load it (restart the server to serve the new file)"
         )
     model = create_model(spec.variant, weights=spec.weights)
     probe = Probe.of(model)  # PyTorch fp32 on the CPU: the yardstick of every mode

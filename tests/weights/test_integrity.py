@@ -78,6 +78,7 @@ def test_a_restarted_worker_refuses_a_replaced_file_and_the_pool_reports_it(
         assert card["weights"]["sha256"] == verified  # still the truth: nothing serves the new file
         assert card["workers"][0]["state"] != "ready"
         assert httpx.get(f"{url}/readyz").status_code == 503
+        assert str(tmp_path) not in httpx.get(f"{url}/v1/models").text  # the error names the file, not its path
 
 
 def test_models_shows_no_absolute_path_and_no_pid(tmp_path: Path, reference: Reference) -> None:
