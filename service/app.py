@@ -94,7 +94,7 @@ def model_card(settings: Settings, variant: Variant, weights: LoadedWeights, lab
         },
         "weights": {
             "source": weights.source,
-            "path": str(weights.path),
+            "file": weights.path.name,  # not the absolute path: /v1/models may be open to anyone
             "sha256": weights.sha256,
             "pretrained": weights.pretrained,
         },
@@ -135,12 +135,21 @@ def prepare(settings: Settings) -> int:
     return 0
 
 
+def log_auth(settings: Settings) -> None:
+    """Once per start: whether the API is protected, and by how many keys (never the keys)."""
+    if settings.api_keys:
+        logger.info("authentication on: the API needs a bearer key", extra={"api_keys": len(settings.api_keys)})
+    else:
+        logger.info("authentication off: the API is open to anyone who reaches the port (CROSSVIT_API_KEYS unset)")
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Wire the app; nothing heavy runs until the lifespan starts the engine."""
     metrics = Metrics(max_batch_size=settings.max_batch_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
+        log_auth(settings)
         variant = get_variant(settings.model)
         with tempfile.TemporaryDirectory(prefix="crossvit-") as scratch:
             try:  # may download (first run) and hashes the file: off the event loop

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
 import os
 import sys
 import time
 from types import FrameType
+from typing import NoReturn
 
 import torch
 import uvicorn
@@ -53,7 +55,9 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         engine: Engine | None = getattr(self._app.state, "engine", None)
-        if self._drain_task is not None or engine is None:
+        if self._drain_task is not None:
+            self._exit_now(sig)
+        if engine is None:
             super().handle_exit(sig, frame)
             return
         logger.info("shutdown signal: draining", extra={"signal": sig, "timeout_s": self._shutdown_timeout_s})
@@ -61,6 +65,16 @@ class DrainingServer(uvicorn.Server):
         loop = asyncio.get_running_loop()  # signal handlers run on the loop's (main) thread
         self._drain_task = loop.create_task(self._drain(engine))
         loop.call_soon_threadsafe(lambda: None)  # wake the loop's select for the new task
+
+    @staticmethod
+    def _exit_now(sig: int) -> NoReturn:
+        """The second signal: the operator wants out now, not after the drain or uvicorn's graceful wait."""
+        logger.warning("second shutdown signal: exiting now; requests in flight are abandoned", extra={"signal": sig})
+        for child in multiprocessing.active_children():  # the workers: a stopped or busy one must not linger
+            child.kill()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(128 + sig)
 
     async def _drain(self, engine: Engine) -> None:
         started = time.monotonic()

@@ -31,6 +31,7 @@ __all__ = [
     "WorkerFailedError",
     "error_body",
     "install",
+    "internal_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,10 +138,6 @@ _HTTP_CODES = {
 }
 
 
-def _request_id(request: Request) -> str | None:
-    return getattr(request.state, "request_id", None)
-
-
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     request.state.error_code = exc.code
@@ -173,9 +170,8 @@ async def _client_disconnect(request: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; the access log and metrics do
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error", extra={"request_id": _request_id(request)})
-    request.state.error_code = "internal_error"
+def internal_error() -> JSONResponse:
+    """The 500 for an unexpected exception; `middleware.RequestContext` logs it and sends this."""
     return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
 
 
@@ -185,4 +181,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ClientDisconnect, _client_disconnect)
-    app.add_exception_handler(Exception, _unexpected_error)
+    # Any other exception reaches `middleware.RequestContext`, which answers the 500 (a handler
+    # for Exception would run in Starlette's outermost middleware, outside the request context).

@@ -18,6 +18,7 @@ from model import CrossViT, create_model
 from model.checkpoint import CheckpointError, check_checkpoint
 from model.variants import get_variant
 from weights.resolve import resolve_weights
+from weights.store import MANIFEST_NAME
 
 from .settings import Settings, env_name
 
@@ -81,5 +82,11 @@ def load_weights(settings: Settings, scratch: Path) -> LoadedWeights:
         sha256 = check_checkpoint(skeleton, path)
     except CheckpointError as exc:
         raise WeightsError(f"the weights for {variant.name} at {path} are unusable: {exc}") from exc
+    if resolved.recorded_sha256 is not None and sha256 != resolved.recorded_sha256:
+        raise WeightsError(
+            f"the weights for {variant.name} at {path} hash to sha256 {sha256}, but the manifest records "
+            f"{resolved.recorded_sha256}: the file was replaced or damaged. Fetch it again "
+            f"(`crossvit-weights fetch {variant.name}`), or delete its entry in {MANIFEST_NAME} to serve it as it is"
+        )
     parameters = sum(p.numel() for p in skeleton.parameters())
     return LoadedWeights(path=Path(path), sha256=sha256, source=source, pretrained=pretrained, parameters=parameters)

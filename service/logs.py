@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -34,15 +35,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Line breaks and other control characters (C0, DEL, C1, Unicode line separators)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(text: str) -> str:
+    """Control characters as `\\xNN` / `\\uNNNN`: a client's `%0A` cannot start a forged log line."""
+    return _CONTROL.sub(lambda m: json.dumps(m.group())[1:-1] if ord(m.group()) > 0xFF
+                        else f"\\x{ord(m.group()):02x}", text)
+
+
+def _value(value: object) -> str:
+    """A field value, quoted (JSON string) when a space, quote or `=` could make it read as another field."""
+    text = str(value)
+    if text and not _CONTROL.search(text) and not any(c in text for c in ' "=\\'):
+        return text
+    return json.dumps(text)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return _escape(super().formatMessage(record))  # the traceback, appended after this, keeps its lines
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = _fields(record)
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            head, newline, trace = line.partition("\n")
+            line = head + " " + " ".join(f"{k}={_value(v)}" for k, v in fields.items()) + newline + trace
         return line
 
 

@@ -14,11 +14,13 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import internal_error
 from .metrics import Metrics
 
 __all__ = ["RequestContext"]
 
 logger = logging.getLogger("service.access")
+error_logger = logging.getLogger(__name__)
 
 _CLIENT_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")  # echoed in headers and logs, so kept plain
 _QUIET_ROUTES = {"/healthz", "/readyz", "/metrics"}  # probes and scrapes log at debug
@@ -41,10 +43,12 @@ class RequestContext:
         status = 500
         started = time.perf_counter()
 
+        started_response = False
+
         async def send_with_context(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
                 weights = state.get("weights")
@@ -54,6 +58,13 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_context)
+        except Exception:
+            # Answered here, inside the request's context (its X-Request-ID, its access line), and
+            # not re-raised: Starlette's outer error middleware and uvicorn would log it twice more.
+            error_logger.exception("unhandled error", extra={"request_id": request_id})
+            state["error_code"] = "internal_error"
+            if not started_response:
+                await internal_error()(scope, receive, send_with_context)
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")

@@ -18,13 +18,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from model.checkpoint import file_sha256
 from model.variants import create_model, get_variant
 
 from .backends import Backend, Built, Probe, build_openvino, build_torch, cache_key
 
-__all__ = ["ReplicaSpec", "Slots", "build_backend", "main"]
+__all__ = ["ReplicaSpec", "Slots", "WeightsChangedError", "build_backend", "main"]
 
 logger = logging.getLogger(__name__)
+
+
+class WeightsChangedError(RuntimeError):
+    """The checkpoint no longer hashes to what the parent verified: the worker refuses to start."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class ReplicaSpec:
     worker_id: int
     variant: str
     weights: str | None  # checkpoint file; None: random init (the parent already warned)
-    weights_sha256: str  # of that file, as the parent verified it: names the converted-model cache entry
+    weights_sha256: str  # of that file, as the parent verified it: checked before loading; names the cache entry
     device: str
     backend: str  # torch or openvino (resolved by the parent)
     backend_fallback: bool  # may fall back to torch when the backend cannot start (backend=auto)
@@ -68,6 +73,12 @@ class Slots:
 
 def build_backend(spec: ReplicaSpec, device: torch.device) -> tuple[Built, dict[str, Any]]:
     """Load the weights and admit the fastest mode of the spec's backend that passes its check."""
+    if spec.weights is not None and (found := file_sha256(spec.weights)) != spec.weights_sha256:
+        # a restarted worker must not serve a file replaced since start-up under the old sha256
+        raise WeightsChangedError(
+            f"{Path(spec.weights).name} now hashes to sha256 {found}, not the {spec.weights_sha256} verified at "
+            "start-up; refusing to load it (restart the server to serve the new file)"
+        )
     model = create_model(spec.variant, weights=spec.weights)
     probe = Probe.of(model)  # PyTorch fp32 on the CPU: the yardstick of every mode
     if spec.backend == "openvino":

@@ -77,8 +77,12 @@ class Settings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
+        # Set but holding no key ("", ",", " ") must not quietly mean "no auth": unset it for that.
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
+            keys = [key.strip() for key in value.split(",") if key.strip()]
+            if not keys:
+                raise ValueError("is set but holds no key; unset it to run without authentication")
+            return keys
         return value
 
     @field_validator("model")

@@ -126,7 +126,6 @@ class WorkerPool:
         return [
             {
                 "id": w.spec.worker_id,
-                "pid": w.process.pid if w.process else None,
                 "device": w.spec.device,
                 "state": w.state.value,
                 "threads": w.spec.threads,

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import timm
 import torch
 import uvicorn
+from fastapi import FastAPI
 from safetensors.torch import save_file
 from torch import nn
 
@@ -60,23 +62,53 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> None:
             threading.Event().wait(0.1)  # a short poll interval, not a sleep-to-synchronise
 
 
-@contextmanager
-def run_server(**overrides: Any) -> Iterator[str]:
-    """The real app under uvicorn in a thread, on a socket that listens before uvicorn starts."""
-    settings = Settings(**{"model": TEST_VARIANT, "fetch_weights": False, "log_level": "warning", **overrides})
+_APPS: dict[str, FastAPI] = {}  # url -> app of each running in-process server, for `worker_pids`
+
+
+def worker_pids(url: str) -> list[int]:
+    """The live worker processes of an in-process test server, by worker id (the API shows no pids)."""
+    pool = _APPS[url].state.engine._pool  # test-only look inside: pids are kept out of every response
+    return [w.process.pid for w in pool._workers if w.process is not None and w.process.is_alive()]
+
+
+def cli_worker_pids(server: CliServer) -> list[int]:
+    """The worker processes of a `crossvit-serve` subprocess (spawned children, not the resource tracker)."""
+    children = psutil.Process(server.process.pid).children()
+    return [c.pid for c in children if "spawn_main" in " ".join(c.cmdline())]
+
+
+def serve_app(app: FastAPI) -> tuple[str, Callable[[], None]]:
+    """Run `app` under uvicorn in a thread on a socket that listens before uvicorn starts; (url, stop)."""
     sock = socket.create_server(("127.0.0.1", 0))
-    config = uvicorn.Config(create_app(settings), log_config=None, access_log=False, lifespan="on")
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+def server_settings(**overrides: Any) -> Settings:
+    return Settings(**{"model": TEST_VARIANT, "fetch_weights": False, "log_level": "warning", **overrides})
+
+
+@contextmanager
+def run_server(**overrides: Any) -> Iterator[str]:
+    """The real app under uvicorn in a thread."""
+    app = create_app(server_settings(**overrides))
+    url, stop = serve_app(app)
+    _APPS[url] = app
     try:
         wait_ready(url)
         yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
+        stop()
+        del _APPS[url]
 
 
 BACKENDS = ["openvino", "torch"]

@@ -11,6 +11,7 @@ import struct
 import tempfile
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -145,13 +146,16 @@ def _reachable(endpoint: str, where: str, timeout_s: float = 5.0) -> None:
 
 def _place(src: Path, target: Path) -> None:
     """Put a cached file at `target`: a hardlink (no extra space), else a copy; never a symlink into the cache."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    # A unique name, not the pid: pods sharing a volume all run their init container as pid 1.
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, target)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, target)  # atomic: a reader sees the old file or the new one, never a part
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fetch_official(v: Variant, url: str, dest: Path, *, progress: bool, timeout_s: float) -> tuple[Path, str]:

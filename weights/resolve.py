@@ -11,7 +11,7 @@ from model.variants import get_variant
 
 from .fetch import FetchError
 from .fetch import fetch as fetch_checkpoint
-from .store import WeightsNotFoundError, find_local, read_manifest, resolve_path
+from .store import WeightsNotFoundError, find_local, read_manifest, recorded_sha256, resolve_path
 
 __all__ = ["CHECKPOINT_SUFFIXES", "Resolved", "hub_repo_id", "resolve_weights"]
 
@@ -27,6 +27,7 @@ class Resolved:
     path: Path | None
     how: Literal["configured", "local", "fetched", "none"]
     detail: str
+    recorded_sha256: str | None = None  # what the folder's manifest records for `path`: it must still hash to it
 
 
 def hub_repo_id(weights: str) -> str | None:
@@ -60,21 +61,25 @@ def resolve_weights(
     if weights is not None:
         return _configured(name, weights, weights_dir, fetch=fetch)
     if (local := find_local(name, weights_dir)) is not None:
-        return Resolved(local, "local", f"found {local} for {name} in {weights_dir}")
+        return Resolved(local, "local", f"found {local} for {name} in {weights_dir}",
+                        recorded_sha256(weights_dir, local))
     if not fetch:
         return Resolved(None, "none", f"no checkpoint for {name} in {weights_dir} and fetching is disabled")
     try:
         path = fetch_checkpoint(name, weights_dir, source=checked, progress=False)
     except FetchError as exc:
         return Resolved(None, "none", f"no checkpoint for {name} in {weights_dir}; fetch failed: {exc}")
-    return Resolved(path, "fetched", f"fetched {name} from the {source} source to {path}")
+    return Resolved(path, "fetched", f"fetched {name} from the {source} source to {path}",
+                    recorded_sha256(weights_dir, path))
 
 
 def _configured(name: str, weights: str, weights_dir: Path, *, fetch: bool) -> Resolved:
     path = Path(weights).expanduser()
     if path.exists():
         found = resolve_path(path, name)
-        return Resolved(found, "configured", f"CROSSVIT_WEIGHTS={weights} gives {found}")
+        folder = path if path.is_dir() else found.parent  # a file is checked against a manifest beside it
+        return Resolved(found, "configured", f"CROSSVIT_WEIGHTS={weights} gives {found}",
+                        recorded_sha256(folder, found))
     repo_id = hub_repo_id(weights)
     if repo_id is None:
         raise WeightsNotFoundError(
@@ -84,11 +89,13 @@ def _configured(name: str, weights: str, weights_dir: Path, *, fetch: bool) -> R
     entry = read_manifest(weights_dir).get(name)
     if entry is not None and entry.source == "hub" and entry.origin == repo_id and (weights_dir / entry.file).is_file():
         local = weights_dir / entry.file
-        return Resolved(local, "local", f"CROSSVIT_WEIGHTS={weights}: using {local}, fetched earlier from {repo_id}")
+        return Resolved(local, "local", f"CROSSVIT_WEIGHTS={weights}: using {local}, fetched earlier from {repo_id}",
+                        entry.sha256)
     if not fetch:
         raise FetchError(
             f"weights {weights!r} name hub repo {repo_id}, which is not in {weights_dir}, "
             "and fetching is disabled (CROSSVIT_FETCH_WEIGHTS=false)"
         )
     path = fetch_checkpoint(name, weights_dir, source="hub", repo_id=repo_id, progress=False)
-    return Resolved(path, "fetched", f"CROSSVIT_WEIGHTS={weights}: fetched {repo_id} to {path}")
+    return Resolved(path, "fetched", f"CROSSVIT_WEIGHTS={weights}: fetched {repo_id} to {path}",
+                    recorded_sha256(weights_dir, path))

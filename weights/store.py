@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal, get_args
 
 try:
@@ -31,6 +31,7 @@ __all__ = [
     "find_local",
     "read_manifest",
     "record",
+    "recorded_sha256",
     "resolve_path",
 ]
 
@@ -68,10 +69,19 @@ class ManifestEntry:
             raise ManifestError(f"{where}: " + "; ".join(problems))
         if data["source"] not in get_args(Source):
             raise ManifestError(f"{where}: source {data['source']!r} is not one of {', '.join(get_args(Source))}")
+        if not _inside(data["file"]):
+            raise ManifestError(f"{where}: file {data['file']!r} must be a relative path inside the weights folder")
         return cls(**{k: data[k] for k in fields})
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def _inside(file: str) -> bool:
+    """A manifest `file` names a file in the folder: relative, no `..`, no drive, no backslash tricks."""
+    path = PurePosixPath(file)
+    return (bool(file) and "\\" not in file and not path.is_absolute() and ".." not in path.parts
+            and not PureWindowsPath(file).drive and path != PurePosixPath("."))
 
 
 def _manifest_path(weights_dir: Path) -> Path:
@@ -110,6 +120,18 @@ def find_local(variant: str, weights_dir: Path) -> Path | None:
             return path
         logger.warning("manifest entry for %s names %s, which is missing; looking for other files", name, path)
     return next((p for p in (weights_dir / n for n in candidate_names(name)) if p.is_file()), None)
+
+
+def recorded_sha256(weights_dir: Path, path: Path) -> str | None:
+    """The sha256 the manifest of `weights_dir` records for `path`, or None when no entry names that file.
+
+    The server checks a file against it at start-up: a manifest entry is a promise about the bytes.
+    """
+    target = path.resolve()
+    for entry in read_manifest(weights_dir).values():
+        if (weights_dir / entry.file).resolve() == target:
+            return entry.sha256
+    return None
 
 
 def resolve_path(path: Path, variant: str) -> Path:

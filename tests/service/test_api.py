@@ -176,7 +176,8 @@ def test_models_reports_variant_weights_and_serving(client: httpx.Client, refere
     assert [w["backend"] for w in card["workers"]] == ["openvino", "openvino"]
     assert all(w["guard_cosine"] >= 0.99999 and w["rel_err"] <= 1e-4 for w in card["workers"])
     assert card["batching"]["max_batch_size"] == 4
-    assert all(w["state"] == "ready" and w["pid"] for w in card["workers"])
+    assert all(w["state"] == "ready" and "pid" not in w for w in card["workers"])  # no pids to anyone
+    assert card["weights"]["file"] == "crossvit_tiny_240.safetensors" and "path" not in card["weights"]
     assert card["config"]["embed_dim"] == [96, 192]
 
 

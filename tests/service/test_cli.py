@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
+import pytest
 
-from tests.conftest import Reference, cli_env, start_cli
+from tests.conftest import Reference, cli_env, cli_worker_pids, start_cli
 from tests.photos import encode, photo
 
+# torch fp32 on one thread: no conversion, no bf16 guard; starts in seconds on a busy machine
+FAST_START = {"backend": "torch", "precision": "fp32", "threads_per_worker": 1}
 JPEG = encode(photo("chelsea"), "JPEG", quality=90)
 
 
@@ -55,6 +67,14 @@ def test_broken_weights_file_exits_naming_the_problem(tmp_path: Path) -> None:
     assert "broken.safetensors" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("value", ["", ",", " ", " , ,"], ids=["empty", "comma", "space", "commas"])
+def test_blank_api_keys_refuse_to_start(tmp_path: Path, value: str) -> None:
+    """Set but holding no key must not mean "auth off": that is what leaving it unset says."""
+    result = _run(tmp_path, api_keys=value, allow_random_weights="true")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "CROSSVIT_API_KEYS" in result.stderr and "holds no key" in result.stderr
+
+
 def test_random_weights_are_loud_and_flagged(tmp_path: Path) -> None:
     with start_cli(tmp_path, allow_random_weights="true", workers=1, log_format="json") as server:
         response = httpx.post(f"{server.url}/v1/classify", content=JPEG, headers={"Content-Type": "image/jpeg"})
@@ -70,6 +90,8 @@ def test_random_weights_are_loud_and_flagged(tmp_path: Path) -> None:
     access = [r for r in lines if r["message"] == "request" and r.get("path") == "/v1/classify"]
     assert access and access[0]["status"] == 200 and access[0]["images"] == 1
     assert {"request_id", "duration_ms", "timing_ms"} <= set(access[0])
+    auth = [r for r in lines if r["message"].startswith("authentication")]
+    assert [r["message"].split(":")[0] for r in auth] == ["authentication off"]  # said once
 
 
 def test_pretrained_weights_have_no_random_flag(tmp_path: Path, reference: Reference) -> None:
@@ -79,6 +101,60 @@ def test_pretrained_weights_have_no_random_flag(tmp_path: Path, reference: Refer
         assert "X-Model-Pretrained" not in response.headers
         assert response.json()["weights"]["pretrained"] is True
     assert "sekret-key-123" not in server.log()  # keys never reach the logs
+    auth = [line for line in server.log().splitlines() if "authentication" in line]
+    assert len(auth) == 1 and "authentication on" in auth[0] and "api_keys=1" in auth[0], server.log()
+
+
+def test_a_second_sigterm_exits_at_once(tmp_path: Path, reference: Reference) -> None:
+    """The first SIGTERM drains (up to the shutdown budget); a second means now, request in flight or not."""
+    with start_cli(tmp_path, weights=str(reference.checkpoint), workers=1, **FAST_START,
+                   shutdown_timeout_s=30) as server:
+        workers = cli_worker_pids(server)
+        assert workers
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)  # the request below stays in flight
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                held = pool.submit(httpx.post, f"{server.url}/v1/classify", content=JPEG,
+                                   headers={"Content-Type": "image/jpeg"}, timeout=60)
+                _until(lambda: _in_flight(server.url) >= 1, 20, "the request to be in flight")
+                server.process.send_signal(signal.SIGTERM)
+                _until(lambda: httpx.get(f"{server.url}/readyz").status_code == 503, 10, "the drain to begin")
+                started = time.monotonic()
+                server.process.send_signal(signal.SIGTERM)
+                code = server.process.wait(timeout=20)
+                elapsed = time.monotonic() - started
+                with pytest.raises(httpx.TransportError):
+                    held.result()
+            # killed by the server itself (this test's clean-up below is only a safety net)
+            _until(lambda: all(_gone(pid) for pid in workers), 5, "the stopped worker to be killed")
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert elapsed < 2, (elapsed, server.log())
+    assert code == 128 + signal.SIGTERM, server.log()
+    assert "second shutdown signal" in server.log()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # dead, not yet reaped by init
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _in_flight(url: str) -> float:
+    match = re.search(r"^crossvit_in_flight_requests ([0-9.e+-]+)$", httpx.get(f"{url}/metrics").text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        threading.Event().wait(0.05)
 
 
 def test_prepare_only_fills_the_model_cache_that_serving_then_loads(tmp_path: Path, reference: Reference) -> None:

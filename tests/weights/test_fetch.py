@@ -6,8 +6,10 @@ Nothing leaves 127.0.0.1: the hub is `hubserver.serve_hub`, the release `hubserv
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,7 @@ TINY = "crossvit_tiny_240"
 TINY_REPO = "timm/crossvit_tiny_240.in1k"
 OFFICIAL_FILE = "crossvit_tiny_224.pth"  # the IBM release names it by its small branch's resolution
 RELEASE = "/IBM/CrossViT/releases/download/weights-0.1"
+ROOT = Path(__file__).resolve().parents[2]
 RunCli = Callable[..., subprocess.CompletedProcess[str]]  # the run_cli fixture
 
 
@@ -178,3 +181,47 @@ def test_hub_replace_from_the_cache_works_offline(
     assert placed.read_bytes() == tiny_safetensors
     assert read_manifest(dest)[TINY].sha256 == hashlib.sha256(tiny_safetensors).hexdigest()
     assert elapsed < 20, elapsed  # and no hub round trip: huggingface_hub's own retries would add seconds
+
+
+_CONCURRENT_FETCHES = """
+import json, os, sys, threading
+from pathlib import Path
+from weights.fetch import fetch
+
+dest = Path(sys.argv[1])
+dest.mkdir(parents=True)
+# Another pod's placement in progress: its init container is pid 1 too, so a pid-named temp file is this one.
+other = dest / f".crossvit_tiny_240.safetensors.{os.getpid()}.tmp"
+other.write_bytes(b"another pod's file, being placed")
+errors = []
+
+def run():
+    try:
+        fetch("crossvit_tiny_240", dest, source="hub", progress=False)
+    except Exception as exc:
+        errors.append(repr(exc))
+
+threads = [threading.Thread(target=run) for _ in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(errors))
+"""
+
+
+def test_concurrent_fetches_into_one_folder_use_unique_temp_names(tmp_path: Path, tiny_safetensors: bytes) -> None:
+    """Two fetches at once (one process: one pid, as two pods' init containers) neither collide nor
+    touch a temp file of another placement with the same pid; the target appears whole."""
+    dest = tmp_path / "weights"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CROSSVIT_"))}
+    with serve_hub({"model.safetensors": tiny_safetensors}, TINY_REPO) as url:
+        env |= {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        result = subprocess.run([sys.executable, "-c", _CONCURRENT_FETCHES, str(dest)], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == [], result.stdout
+    others = [p for p in dest.iterdir() if p.name.endswith(".tmp")]
+    assert len(others) == 1 and others[0].read_bytes() == b"another pod's file, being placed"
+    assert (dest / f"{TINY}.safetensors").read_bytes() == tiny_safetensors
+    assert read_manifest(dest)[TINY].sha256 == hashlib.sha256(tiny_safetensors).hexdigest()

@@ -21,6 +21,7 @@ from weights.store import (
     find_local,
     read_manifest,
     record,
+    recorded_sha256,
     resolve_path,
 )
 
@@ -182,3 +183,23 @@ def test_concurrent_records_keep_every_entry(tmp_path: Path) -> None:
             list(pool.map(one, range(len(names))))
         assert sorted(read_manifest(tmp_path)) == sorted(names)
         (tmp_path / MANIFEST_NAME).unlink()
+
+
+@pytest.mark.parametrize("file", ["../outside.safetensors", "sub/../../x.pth", "/etc/passwd", "", ".", "C:/x.pth",
+                                  "..\\x.pth"])
+def test_manifest_file_must_stay_inside_the_folder(tmp_path: Path, file: str) -> None:
+    """A manifest entry naming ../x or /x would make the server load a file from outside the folder."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    _touch(tmp_path / "outside.safetensors")  # exists: a check for existence alone would not catch it
+    entry = {"file": file, "source": "local", "sha256": "0" * 64, "size": 1, "fetched_at": "t", "origin": "o"}
+    (folder / MANIFEST_NAME).write_text(json.dumps({"crossvit_tiny_240": entry}))
+    with pytest.raises(ManifestError, match="must be a relative path inside the weights folder"):
+        find_local("crossvit_tiny_240", folder)
+
+
+def test_a_file_in_a_subfolder_is_allowed(tmp_path: Path) -> None:
+    path = _touch(tmp_path / "sub" / "crossvit_tiny_240.safetensors", b"abc")
+    record(tmp_path, "crossvit_tiny_240", path, source="local", origin="x")
+    assert find_local("crossvit_tiny_240", tmp_path) == path
+    assert recorded_sha256(tmp_path, path) == hashlib.sha256(b"abc").hexdigest()
