@@ -18,6 +18,7 @@ from weights.labels import imagenet_labels
 
 from . import __version__, errors, openapi, page, routes, v2
 from .backends import BackendChoice, resolve_backend
+from .bodies import UploadBudget
 from .devices import plan_workers, usable_cpus
 from .engine import Engine, EngineConfig
 from .loading import LoadedWeights, WeightsError, load_weights
@@ -158,7 +159,7 @@ def create_app(settings: Settings) -> FastAPI:
             async with Engine.start(config, metrics, stop_timeout_s=stop_timeout_s) as engine:
                 app.state.engine = engine  # for the CLI's SIGTERM drain, which runs outside requests
                 yield {"settings": settings, "engine": engine, "weights": weights, "metrics": metrics,
-                       "model_card": card}
+                       "model_card": card, "uploads": UploadBudget(settings.upload_budget_bytes)}
 
     app = FastAPI(
         title="crossvit-serve",
