@@ -183,9 +183,9 @@ def test_healthz_answers_within_a_second_while_a_32_mib_json_body_is_refused(ser
     finally:
         done.set()
         prober.join(timeout=10)
+    assert latencies and max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f} s"
     assert reply.status == 413 and reply.error()["code"] == "too_many_images", reply
     assert sent < len(body) // 2, f"the whole body ({sent} bytes) was taken before the refusal"
-    assert latencies and max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f} s"
 
 
 @pytest.mark.parametrize("body", [
@@ -226,15 +226,15 @@ def test_image_count_is_refused_as_the_body_streams(server: str, kind: str) -> N
 def test_declared_length_over_the_limit_is_refused_before_reading(server: str, path: str) -> None:
     """Only the headers and ten bytes are sent: the 413 is answered from Content-Length alone."""
     with connect(server) as sock:
-        send_head(sock, path, {"Content-Type": "application/json", "Content-Length": str(MAX_UPLOAD + 1)})
-        sock.sendall(b"{" * 10)
+        send_head(sock, path, {"Content-Type": "application/octet-stream", "Content-Length": str(MAX_UPLOAD + 1)})
+        sock.sendall(b"\xff" * 10)
         reply = read_reply(sock, 10)
     assert reply.status == 413, reply
     if path.startswith("/v1"):
         assert reply.error()["code"] == "payload_too_large"
 
 
-def test_draining_and_not_ready_refuse_before_reading(reference: Reference) -> None:
+def test_draining_refuses_before_reading(reference: Reference) -> None:
     """Once draining, an upload that sends its headers and ten bytes gets 503 shutting_down at once:
     nothing of its body is buffered (before, the server waited for the whole body first)."""
     with serve(reference) as (url, app):
@@ -339,7 +339,8 @@ def _vm_kib(pid: int, field: str) -> int:
 def test_peak_rss_stays_bounded_with_64_concurrent_maximal_uploads(tmp_path: Path, reference: Reference) -> None:
     """64 clients each upload a body at the size limit (half raw, half multipart) at once. The
     upload budget admits a few and refuses the rest with 503 before buffering them, so the API
-    process's peak RSS grows by less than RSS_BOUND (it grew by several GiB without the budget)."""
+    process's peak RSS grows by less than RSS_BOUND: measured +391 MiB; +1505 MiB without the budget,
+    where the read timeout cut off 40 of the uploads."""
     raw = b"\xff" * MAX_UPLOAD
     form = part(0, b"\xff" * (MAX_UPLOAD - 400)) + f"--{BOUNDARY}--\r\n".encode()
     assert len(form) <= MAX_UPLOAD
