@@ -19,8 +19,8 @@ FIELD = "images"
 MAX_HEADER_BYTES = 16 * 1024  # per part: names and filenames, not data
 
 
-def _invalid(message: str, index: int | None = None) -> BadRequestError:
-    return BadRequestError(f"malformed multipart body: {message}", code="invalid_multipart", index=index)
+def _invalid(message: str) -> BadRequestError:
+    return BadRequestError(f"malformed multipart body: {message}", code="invalid_multipart")
 
 
 class Part:
@@ -89,7 +89,7 @@ class FormImages:
         if name != FIELD:
             return  # another field: its data is skipped, never stored
         if b"filename" not in options:
-            raise _invalid(f"multipart field '{FIELD}' must be a file part, got a text field", len(self.images))
+            raise _invalid(f"multipart field '{FIELD}' must be a file part, got a text field")
         if len(self.images) >= self._max_images:
             raise PayloadTooLargeError(
                 f"more than {self._max_images} images in one request; the limit is {self._max_images}",
