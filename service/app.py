@@ -155,11 +155,12 @@ def create_app(settings: Settings) -> FastAPI:
                 logger.error("cannot start: %s", exc)
                 raise
             card = model_card(settings, variant, weights, len(config.labels))
+            uploads = UploadBudget(settings.upload_budget_bytes, metrics.rejected.labels("upload_budget").inc)
             stop_timeout_s = WORKER_STOP_TIMEOUT_S
             async with Engine.start(config, metrics, stop_timeout_s=stop_timeout_s) as engine:
                 app.state.engine = engine  # for the CLI's SIGTERM drain, which runs outside requests
                 yield {"settings": settings, "engine": engine, "weights": weights, "metrics": metrics,
-                       "model_card": card, "uploads": UploadBudget(settings.upload_budget_bytes)}
+                       "model_card": card, "uploads": uploads}
 
     app = FastAPI(
         title="crossvit-serve",

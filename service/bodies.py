@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import ClassVar
 
@@ -34,12 +34,14 @@ class BodyTimeoutError(ServiceError):
 class UploadBudget:
     """Bytes of request bodies being read or held, across all requests of one app (event-loop only)."""
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, on_refusal: Callable[[], object] = lambda: None) -> None:
         self.limit_bytes = limit_bytes
         self.held_bytes = 0
+        self._on_refusal = on_refusal  # e.g. a metric
 
     def take(self, size: int) -> bool:
         if self.held_bytes + size > self.limit_bytes:
+            self._on_refusal()
             return False
         self.held_bytes += size
         return True
