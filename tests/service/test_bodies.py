@@ -35,6 +35,7 @@ MAX_IMAGES = Settings.model_fields["max_images_per_request"].default
 BODY_TIMEOUT_S = 2.0
 SMALL_UPLOAD, SMALL_BUDGET, SMALL_CONCURRENCY = 1 * MiB, 2 * MiB, 6
 BOUNDARY = "bodies-test-boundary"
+V2_INFER = f"/v2/models/{TEST_VARIANT}/infer"
 
 
 @contextmanager
@@ -152,10 +153,15 @@ MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
 # -- the event loop stays free --------------------------------------------------------------------
 
 
-def test_healthz_answers_within_a_second_while_a_32_mib_json_body_is_refused(server: str) -> None:
+@pytest.mark.parametrize("path", ["/v1/classify", V2_INFER])
+def test_healthz_answers_within_a_second_while_a_32_mib_json_body_is_refused(server: str, path: str) -> None:
     """{"images": ["", "", ...]}: 11 M entries in 32 MiB. Counted as it streams, refused at the 17th,
-    and /healthz keeps answering within a second throughout (it stalled 20 s when parsed whole)."""
-    head, tail = b'{"images": [', b'""]}'
+    and /healthz keeps answering within a second throughout (it stalled 20 s when parsed whole).
+    /v2 reads its body whole, then parses it in a thread; the loop must stay free there too."""
+    if path == V2_INFER:
+        head, tail = b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [', b'""]}]}'
+    else:
+        head, tail = b'{"images": [', b'""]}'
     entries = (MAX_UPLOAD - len(head) - len(tail)) // 3
     body = head + b'"",' * entries + tail
     assert entries > 11_000_000 and len(body) <= MAX_UPLOAD
@@ -177,7 +183,7 @@ def test_healthz_answers_within_a_second_while_a_32_mib_json_body_is_refused(ser
     prober.start()
     try:
         with connect(server) as sock:
-            send_head(sock, "/v1/classify", {"Content-Type": "application/json", "Content-Length": str(len(body))})
+            send_head(sock, path, {"Content-Type": "application/json", "Content-Length": str(len(body))})
             sent = send_until_answered(sock, chunked(body))
             reply = read_reply(sock, 30)
             done.wait(0.3)  # a few probes after the answer too
@@ -185,6 +191,9 @@ def test_healthz_answers_within_a_second_while_a_32_mib_json_body_is_refused(ser
         done.set()
         prober.join(timeout=10)
     assert latencies and max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f} s"
+    if path == V2_INFER:
+        assert reply.status == 400 and b"11184" in reply.body, reply  # the element count, against the shape
+        return
     assert reply.status == 413 and reply.error()["code"] == "too_many_images", reply
     assert sent < len(body) // 2, f"the whole body ({sent} bytes) was taken before the refusal"
 
@@ -199,7 +208,7 @@ def test_deeply_nested_json_is_400_invalid_json(server: str, body: bytes) -> Non
         response = client.post("/v1/classify", content=body, headers={"Content-Type": "application/json"})
         assert response.status_code == 400, response.text
         assert response.json()["error"]["code"] == "invalid_json"
-        v2 = client.post(f"/v2/models/{TEST_VARIANT}/infer", content=b"[" * 100_000,
+        v2 = client.post(V2_INFER, content=b"[" * 100_000,
                          headers={"Content-Type": "application/json"})
         assert v2.status_code == 400, v2.text
 
@@ -223,7 +232,7 @@ def test_image_count_is_refused_as_the_body_streams(server: str, kind: str) -> N
     assert reply.error()["code"] == "too_many_images"
 
 
-@pytest.mark.parametrize("path", ["/v1/classify", f"/v2/models/{TEST_VARIANT}/infer"])
+@pytest.mark.parametrize("path", ["/v1/classify", V2_INFER])
 def test_declared_length_over_the_limit_is_refused_before_reading(server: str, path: str) -> None:
     """Only the headers and ten bytes are sent: the 413 is answered from Content-Length alone."""
     with connect(server) as sock:
@@ -240,7 +249,7 @@ def test_draining_refuses_before_reading(reference: Reference) -> None:
     nothing of its body is buffered (before, the server waited for the whole body first)."""
     with serve(reference) as (url, app):
         app.state.engine.begin_drain()  # what the CLI's SIGTERM handler does
-        for path in ("/v1/classify", f"/v2/models/{TEST_VARIANT}/infer"):
+        for path in ("/v1/classify", V2_INFER):
             with connect(url) as sock:
                 send_head(sock, path, {"Content-Type": "image/jpeg", "Content-Length": str(MiB)})
                 sock.sendall(b"\xff" * 10)
