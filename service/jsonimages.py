@@ -204,8 +204,9 @@ class JsonImagesScanner:
 def _decode(raw: bytes, what: str) -> str:
     """One JSON string literal (quotes included) as text."""
     try:
-        text, end = json.decoder.scanstring(raw.decode("utf-8"), 1, True)  # type: ignore[attr-defined]
+        source = raw.decode("utf-8")
+        text, end = json.decoder.scanstring(source, 1, True)  # type: ignore[attr-defined]
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _invalid(f"the body is not valid JSON: {what} is not a valid string ({exc})") from None
-    assert end == len(raw)
+    assert end == len(source)  # the closing quote was found by the scanner
     return str(text)

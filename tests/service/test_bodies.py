@@ -26,6 +26,8 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.cli import uvicorn_config
+from service.formparts import FormImages
+from service.jsonimages import JsonImagesScanner
 from service.settings import Settings
 from tests.conftest import TEST_VARIANT, Reference, start_cli, wait_ready
 
@@ -349,6 +351,36 @@ def test_uvicorn_limit_concurrency_is_applied(small: str) -> None:
 def test_upload_budget_must_hold_one_maximal_body() -> None:
     with pytest.raises(ValidationError, match="upload_budget_bytes"):
         Settings(fetch_weights=False, max_upload_bytes=2 * MiB, upload_budget_bytes=MiB)
+
+
+# -- the streaming readers, split at every byte ---------------------------------------------------
+
+
+JSON_BODY = '\ufeff {"images" :\n [ "QUJD" , "data:image/png;base64,\\u0041\\"\\\\\\/", "\u00e9\\n"] } '.encode()
+
+
+def test_json_scanner_reads_the_shape_split_anywhere() -> None:
+    """Every split of a body with escapes, a BOM, whitespace and multi-byte text gives json.loads's strings."""
+    expected = json.loads(JSON_BODY.decode("utf-8-sig"))["images"]
+    for cut in range(len(JSON_BODY) + 1):
+        scanner = JsonImagesScanner(max_images=3)
+        scanner.feed(JSON_BODY[:cut])
+        scanner.feed(JSON_BODY[cut:])
+        assert scanner.strings() == expected, cut
+
+
+def test_multipart_reader_reads_parts_split_anywhere() -> None:
+    body = (part(0, b"\xff\xd8" + bytes(range(256))) + f"--{BOUNDARY}\r\nContent-Disposition: form-data; "
+            f'name="note"\r\n\r\nhello\r\n'.encode() + part(1, b"--" + BOUNDARY.encode()[:-1])
+            + f"--{BOUNDARY}--\r\n".encode())
+    for cut in range(0, len(body) + 1, 7):
+        form = FormImages(MULTIPART, max_images=2)
+        form.feed(body[:cut])
+        form.feed(body[cut:])
+        parts = form.finish()
+        assert [(p.filename, bytes(p.data)) for p in parts] == [
+            ("0.jpg", b"\xff\xd8" + bytes(range(256))), ("1.jpg", b"--" + BOUNDARY.encode()[:-1])], cut
+        assert form.fields == {"images", "note"}
 
 
 # -- memory ---------------------------------------------------------------------------------------
