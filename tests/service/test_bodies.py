@@ -399,7 +399,7 @@ def _vm_kib(pid: int, field: str) -> int:
 def test_peak_rss_stays_bounded_with_64_concurrent_maximal_uploads(tmp_path: Path, reference: Reference) -> None:
     """64 clients each upload a body at the size limit (half raw, half multipart) at once. The
     upload budget admits a few and refuses the rest with 503 before buffering them, so the API
-    process's peak RSS grows by less than RSS_BOUND: measured +285..391 MiB; +1505 MiB without the budget,
+    process's peak RSS grows by less than RSS_BOUND: measured +285..395 MiB; +1505 MiB without the budget,
     where the read timeout cut off 40 of the uploads."""
     raw = b"\xff" * MAX_UPLOAD
     form = part(0, b"\xff" * (MAX_UPLOAD - 400)) + f"--{BOUNDARY}--\r\n".encode()
