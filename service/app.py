@@ -18,6 +18,7 @@ from weights.labels import imagenet_labels
 
 from . import __version__, errors, openapi, page, routes, v2
 from .backends import BackendChoice, resolve_backend
+from .bodies import UploadBudget
 from .devices import plan_workers, usable_cpus
 from .engine import Engine, EngineConfig
 from .loading import LoadedWeights, WeightsError, load_weights
@@ -163,11 +164,12 @@ def create_app(settings: Settings) -> FastAPI:
                 logger.error("cannot start: %s", exc)
                 raise
             card = model_card(settings, variant, weights, len(config.labels))
+            uploads = UploadBudget(settings.upload_budget_bytes, metrics.rejected.labels("upload_budget").inc)
             stop_timeout_s = WORKER_STOP_TIMEOUT_S
             async with Engine.start(config, metrics, stop_timeout_s=stop_timeout_s) as engine:
                 app.state.engine = engine  # for the CLI's SIGTERM drain, which runs outside requests
                 yield {"settings": settings, "engine": engine, "weights": weights, "metrics": metrics,
-                       "model_card": card}
+                       "model_card": card, "uploads": uploads}
 
     app = FastAPI(
         title="crossvit-serve",

@@ -22,7 +22,7 @@ from .engine import Engine
 from .logs import configure_logging
 from .settings import ENV_PREFIX, Settings, describe_validation_error
 
-__all__ = ["main"]
+__all__ = ["main", "uvicorn_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     # must not start a torch thread pool whose spinning threads compete with the workers' cores.
     torch.set_num_threads(1)
     app = create_app(settings)
-    config = uvicorn.Config(
+    server = DrainingServer(uvicorn_config(app, settings), app, settings.shutdown_timeout_s)
+    server.run()
+    if not server.started:
+        logger.error("the service did not start; see the errors above")
+        return 3
+    return 0
+
+
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """How uvicorn serves the app: our logging, our access lines, and deliberate limits."""
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -134,13 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,  # the app writes one access line per request
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),
+        # A deliberate ceiling on connections plus requests (uvicorn answers 503 past it): bodies are
+        # bounded by the upload budget, but every connection costs memory and a file descriptor.
+        limit_concurrency=settings.limit_concurrency,
     )
-    server = DrainingServer(config, app, settings.shutdown_timeout_s)
-    server.run()
-    if not server.started:
-        logger.error("the service did not start; see the errors above")
-        return 3
-    return 0
 
 
 if __name__ == "__main__":

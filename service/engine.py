@@ -216,8 +216,9 @@ class Engine:
         seconds = math.ceil(waiting / rate) if rate else RETRY_AFTER_MIN_S
         return str(min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, seconds)))
 
-    @contextmanager
-    def _admitted(self, images: int) -> Iterator[None]:
+    def check_admission(self, images: int) -> None:
+        """Refuse now what `_admitted` would refuse for `images` more images, admitting nothing: routes
+        call it before reading a body (with the fewest images it can hold; `_admitted` checks again)."""
         if self._draining:
             self._metrics.rejected.labels("draining").inc()
             raise NotReadyError("the server is shutting down", code="shutting_down", headers={"Retry-After": "1"})
@@ -230,6 +231,10 @@ class Engine:
                 f"the queue is full ({self._config.max_queue} images); retry later",
                 headers={"Retry-After": self._retry_after(images)},
             )
+
+    @contextmanager
+    def _admitted(self, images: int) -> Iterator[None]:
+        self.check_admission(images)
         self._reserved += images
         self._in_flight += 1
         self._idle.clear()

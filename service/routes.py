@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any, TypedDict, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
+from .bodies import Body, UploadBudget, bounded_body
 from .engine import Engine
 from .errors import InvalidParameterError, UnauthorizedError, error_body
 from .inputs import MULTIPART_FIELD, RAW_IMAGE_TYPES, read_images
@@ -21,7 +22,9 @@ from .metrics import Metrics
 from .schemas import ClassifyJSON, ClassifyResponse, ErrorResponse, Health, ModelCard, Readiness
 from .settings import Settings
 
-__all__ = ["AppState", "EngineDep", "SettingsDep", "deadline", "require_api_key", "router", "until_client_leaves"]
+__all__ = [
+    "AppState", "BodyDep", "EngineDep", "SettingsDep", "deadline", "require_api_key", "router", "until_client_leaves"
+]
 
 T = TypeVar("T")
 
@@ -34,6 +37,7 @@ class AppState(TypedDict):
     weights: LoadedWeights
     metrics: Metrics
     model_card: dict[str, Any]  # the static part of /v1/models
+    uploads: UploadBudget  # bytes of request bodies being read or held
 
 
 def _settings(request: Request) -> Settings:
@@ -48,6 +52,19 @@ def _engine(request: Request) -> Engine:
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[Engine, Depends(_engine)]
+
+
+async def _body(request: Request, engine: EngineDep, settings: SettingsDep) -> AsyncIterator[Body]:
+    """The body of an inference request, not read yet, and only once the request could be admitted:
+    draining, not ready or a full queue (for its first image) is refused before a byte is buffered,
+    then the declared length is held in the upload budget until the request is answered."""
+    engine.check_admission(1)
+    async with bounded_body(request, request.state.uploads, max_bytes=settings.max_upload_bytes,
+                            timeout_s=settings.body_timeout_s) as body:
+        yield body
+
+
+BodyDep = Annotated[Body, Depends(_body)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:
@@ -124,7 +141,7 @@ async def until_client_leaves(request: Request, work: Awaitable[T]) -> T:
     "/classify",
     response_model=ClassifyResponse,
     response_model_exclude_none=True,
-    responses=_errors(400, 413, 415, 422, 503, 504),
+    responses=_errors(400, 408, 413, 415, 422, 503, 504),
     openapi_extra=_CLASSIFY_BODY,
     summary="Classify one or more images",
 )
@@ -132,6 +149,7 @@ async def classify(
     request: Request,
     engine: EngineDep,
     settings: SettingsDep,
+    body: BodyDep,
     top_k: Annotated[int, Query(ge=1, description="predictions per image, 1..num_classes")] = 5,
     branches: Annotated[bool, Query(description="also return each branch's own top-k")] = False,
     x_request_timeout_ms: Annotated[
@@ -142,9 +160,7 @@ async def classify(
     card = request.state.model_card
     if top_k > card["labels"]:
         raise InvalidParameterError(f"top_k must be between 1 and {card['labels']}, got {top_k}")
-    uploads = await read_images(
-        request, max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request
-    )
+    uploads = await read_images(request, body, max_images=settings.max_images_per_request)
     request.state.images = len(uploads)
     answer_by = deadline(started, settings, x_request_timeout_ms)
     result = await until_client_leaves(

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     # at most Pillow's own bomb threshold, above which it would warn before our check runs
     max_image_pixels: int = Field(40_000_000, ge=1, le=89_478_485)
     max_images_per_request: int = Field(16, ge=1)
+    upload_budget_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="body bytes read or held at once, over all requests; past it 503"
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="time a request body may take to arrive; past it 408")
+    limit_concurrency: int = Field(
+        1024, ge=1, description="open connections plus requests before uvicorn answers 503 itself"
+    )
 
     # access and operation
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="comma-separated")
@@ -105,6 +112,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queue "
                 f"({self.max_queue}), or such a request could never be admitted"
+            )
+        if self.upload_budget_bytes < self.max_upload_bytes:
+            raise ValueError(
+                f"upload_budget_bytes ({self.upload_budget_bytes}) must be at least max_upload_bytes "
+                f"({self.max_upload_bytes}), or a body at the limit could never be read"
             )
         return self
 

@@ -20,9 +20,9 @@ from model.variants import get_variant
 from weights.labels import imagenet_labels
 
 from .. import __version__
+from ..bodies import Body
 from ..errors import NotReadyError
-from ..inputs import _read_body
-from ..routes import EngineDep, SettingsDep, deadline, require_api_key, until_client_leaves
+from ..routes import BodyDep, EngineDep, SettingsDep, deadline, require_api_key, until_client_leaves
 from ..settings import Settings
 from .codec import HEADER_LENGTH, encode_response
 from .errors import ModelNotFoundError, V2Route, error_response
@@ -54,9 +54,10 @@ _BINARY_FORM = (
 )
 
 
-async def _read(request: Request, settings: Settings) -> bytes:
-    """The request body under the upload cap: the one place v2 reads a body (the reader is /v1's)."""
-    return await _read_body(request, settings.max_upload_bytes)
+async def _read(body: Body) -> bytes:
+    """The request body under /v1's bounds (size, upload budget, read timeout): the one place v2 reads
+    a body. The JSON is parsed in a thread by `decode`, off the event loop."""
+    return await body.read()
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -110,12 +111,13 @@ def router(settings: Settings) -> APIRouter:
         request: Request,
         engine: EngineDep,
         settings: SettingsDep,
+        body_stream: BodyDep,
         x_request_timeout_ms: Annotated[
             int | None, Header(ge=1, description="client deadline; never waited past, nor past the server's limit")
         ] = None,
     ) -> Response:
         started = time.monotonic()
-        body = await _read(request, settings)
+        body = await _read(body_stream)
         decoded = await asyncio.to_thread(decode, body, request.headers.get(HEADER_LENGTH), limits)
         request.state.images = decoded.count
         answer_by = deadline(started, settings, x_request_timeout_ms)
@@ -152,7 +154,7 @@ def router(settings: Settings) -> APIRouter:
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
             "headers": {HEADER_LENGTH: {"schema": {"type": "integer"}, "description": "with binary outputs"}},
         },
-        **_errors(400, 404, 413, 422, 503, 504),
+        **_errors(400, 404, 408, 413, 422, 503, 504),
     }
 
     keyed = [Depends(require_api_key)]

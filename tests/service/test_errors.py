@@ -126,7 +126,9 @@ def test_too_many_images(client: httpx.Client) -> None:
     assert_error(response, 413, "too_many_images")
 
 
-def test_declared_body_over_the_limit_is_refused_before_reading(client: httpx.Client) -> None:
+def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
+    """The whole body is sent here; that it is refused before it is read (headers and ten bytes sent)
+    is tests/service/test_bodies.py::test_declared_length_over_the_limit_is_refused_before_reading."""
     limit = Settings.model_fields["max_upload_bytes"].default
     body = b"\xff" * (limit + 1)
     assert_error(client.post("/v1/classify", content=body, headers={"Content-Type": "image/jpeg"}),
