@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from service.app import create_app
+from service.engine import Engine
 from service.settings import Settings
 
 TEST_VARIANT = "crossvit_tiny_240"  # the cheapest published variant: fast tests, real architecture
@@ -60,23 +61,56 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> None:
             threading.Event().wait(0.1)  # a short poll interval, not a sleep-to-synchronise
 
 
+_ENGINES: dict[str, Engine] = {}  # url -> engine of each in-process server, for the supervision tests
+
+
 @contextmanager
-def run_server(**overrides: Any) -> Iterator[str]:
-    """The real app under uvicorn in a thread, on a socket that listens before uvicorn starts."""
-    settings = Settings(**{"model": TEST_VARIANT, "fetch_weights": False, "log_level": "warning", **overrides})
+def run_server(*, wait: bool = True, **overrides: Any) -> Iterator[str]:
+    """The real app under uvicorn in a thread, on a socket that listens before uvicorn starts.
+
+    On the CPU unless a test asks for a device: the CPU assertions must hold on a CUDA host too.
+    `wait=False` yields as soon as the lifespan has started the workers, before they are ready.
+    """
+    settings = Settings(**{"model": TEST_VARIANT, "fetch_weights": False, "log_level": "warning",
+                           "device": "cpu", **overrides})
     sock = socket.create_server(("127.0.0.1", 0))
-    config = uvicorn.Config(create_app(settings), log_config=None, access_log=False, lifespan="on")
+    app = create_app(settings)
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        wait_ready(url)
+        if wait:
+            wait_ready(url)
+        else:
+            _wait_until(lambda: server.started or not thread.is_alive(), 120, "the server to start")
+        _ENGINES[url] = app.state.engine
         yield url
     finally:
+        _ENGINES.pop(url, None)
         server.should_exit = True
         thread.join(timeout=60)
         sock.close()
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        threading.Event().wait(0.02)
+
+
+def engine_of(url: str) -> Engine:
+    """The engine behind an in-process test server (`run_server`): worker pids and states."""
+    return _ENGINES[url]
+
+
+def child_worker_pids(pid: int) -> list[int]:
+    """The worker processes of the server process `pid` (a `start_cli` server), from /proc."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sorted(int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
 
 
 BACKENDS = ["openvino", "torch"]
@@ -157,7 +191,7 @@ class CliServer:
 def cli_env(tmp_path: Path, **settings: object) -> dict[str, str]:
     """A clean environment: only the settings given here, plus what Python needs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CROSSVIT_")}
-    env.update({"CROSSVIT_MODEL": TEST_VARIANT, "CROSSVIT_FETCH_WEIGHTS": "false",
+    env.update({"CROSSVIT_MODEL": TEST_VARIANT, "CROSSVIT_FETCH_WEIGHTS": "false", "CROSSVIT_DEVICE": "cpu",
                 "CROSSVIT_WEIGHTS_DIR": str(tmp_path / "no-weights-here"), "PYTHONUNBUFFERED": "1"})
     env.update({f"CROSSVIT_{k.upper()}": str(v) for k, v in settings.items()})
     return env
