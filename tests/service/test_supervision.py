@@ -27,7 +27,7 @@ from service.backends import GUARD_COSINE, Probe, build_torch
 from service.watchdog import InferenceTimes, WatchdogConfig
 from service.workers import shared_threads
 from tests.conftest import TEST_VARIANT, Reference, engine_of, run_server, wait_ready
-from tests.service.serving import batches, classify, ready_status, stopped, until
+from tests.service.serving import batches, classify, metric, ready_status, stopped, until
 
 measured = logging.getLogger("tests.measured")  # the numbers a report quotes (pytest -rP shows them)
 HOLD_S = 600.0  # a watchdog floor no test reaches: the test, not the watchdog, decides what happens
@@ -54,6 +54,20 @@ def _holder(url: str) -> int:
     return engine.worker_pids()[holding[0]]
 
 
+def _all_ready(url: str) -> list[int]:
+    """The pids, once every worker is ready (readiness needs only one)."""
+    until(lambda: all(w["state"] == "ready" for w in engine_of(url).describe()["workers"]), 90, "every worker ready")
+    return _pids(url)
+
+
+def _until_all_restarted(url: str, old: list[int]) -> None:
+    def restarted() -> bool:
+        pids, workers = _pids(url), engine_of(url).describe()["workers"]
+        return len(pids) == len(old) and not set(pids) & set(old) and all(w["state"] == "ready" for w in workers)
+
+    until(restarted, 90, f"every worker of {old} replaced by a ready one")
+
+
 # -- the watchdog ------------------------------------------------------------------------------
 
 def test_sigstopped_workers_turn_readyz_503_within_the_watchdog_time_and_recover(
@@ -61,15 +75,14 @@ def test_sigstopped_workers_turn_readyz_503_within_the_watchdog_time_and_recover
 ) -> None:
     floor_s = 1.0
     with _server(reference, workers=2, watchdog_floor_s=floor_s, watchdog_multiplier=2) as url, \
-            caplog.at_level(logging.ERROR, logger="service.workers"), ThreadPoolExecutor(1) as pool:
+            caplog.at_level(logging.INFO, logger="service.workers"), ThreadPoolExecutor(1) as pool:
         # idle workers: the pings go unanswered
-        first = _pids(url)
+        first = _all_ready(url)
         with stopped(first):
             begun = time.monotonic()
             until(lambda: ready_status(url) == 503, 30, "readiness to drop")
             idle_s = time.monotonic() - begun
-        wait_ready(url, 60)
-        assert not set(_pids(url)) & set(first)
+        _until_all_restarted(url, first)
         assert classify(url).status_code == 200
         # busy workers: a batch inside a stopped worker, the other idle
         second = _pids(url)
@@ -82,6 +95,7 @@ def test_sigstopped_workers_turn_readyz_503_within_the_watchdog_time_and_recover
             busy_s = time.monotonic() - begun
             response = request.result()  # retried on a restarted worker
         assert response.status_code == 200, response.text
+        _until_all_restarted(url, second)
         assert classify(url).status_code == 200
     # ping sent after floor_s of silence, unanswered for floor_s, seen at the next scan
     assert idle_s < 2 * floor_s + 2.0, idle_s
@@ -110,7 +124,7 @@ def test_the_watchdog_limit_follows_the_measured_times() -> None:
 
 def test_a_batch_whose_worker_dies_twice_fails_with_503_worker_failed(reference: Reference) -> None:
     with _server(reference, workers=2) as url, ThreadPoolExecutor(1) as pool:
-        with stopped(_pids(url)):
+        with stopped(_all_ready(url)):
             dispatched = batches(url)
             request = pool.submit(classify, url, 1)
             until(lambda: batches(url) == dispatched + 1, 30, "the batch to reach a worker")
@@ -192,19 +206,23 @@ def test_retry_after_is_the_queue_over_the_measured_drain_rate(reference: Refere
             sent[i] = (begun, time.monotonic())
             return response
 
-        with stopped(_pids(url)), ThreadPoolExecutor(12) as pool:
-            responses = list(pool.map(flood, range(12)))
-            rejected = [(i, r) for i, r in enumerate(responses) if r.status_code == 503]
-            assert rejected, [r.status_code for r in responses]
-            for i, response in rejected:
-                assert response.json()["error"]["code"] == "overloaded"
-                begun, answered = sent[i]
-                # rate = 2 images / (rejection - first completion); waiting = 17..20 images
-                low = math.ceil(17 * (begun - drained) / 2)
-                high = math.ceil(20 * (answered - first_sent) / 2)
-                value = int(response.headers["Retry-After"])
-                assert max(1, min(30, low)) <= value <= min(30, high), (value, low, high)
-            pool.shutdown(wait=False, cancel_futures=True)
+        with ThreadPoolExecutor(12) as pool:
+            with stopped(_pids(url)):
+                futures = [pool.submit(flood, i) for i in range(12)]
+                # every request answered (refused) or admitted and held by the stopped worker
+                until(lambda: sum(f.done() for f in futures) + metric(url, "crossvit_in_flight_requests") == 12,
+                      60, "the flood to be admitted or refused")
+                rejected = [(i, f.result()) for i, f in enumerate(futures) if f.done()]
+            assert [f.result().status_code for f in futures].count(200) == 12 - len(rejected)
+        assert rejected, "12 requests of 4 images never overflowed a 16-image queue"
+        for i, response in rejected:
+            assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded", response.text
+            begun, answered = sent[i]
+            # rate = 2 images / (rejection - first completion); waiting = 17..20 images
+            low = math.ceil(17 * (begun - drained) / 2)
+            high = math.ceil(20 * (answered - first_sent) / 2)
+            value = int(response.headers["Retry-After"])
+            assert max(1, min(30, low)) <= value <= min(30, high), (value, low, high)
     measured.warning(f"Retry-After values: {sorted({int(r.headers['Retry-After']) for _, r in rejected})}")
 
 
@@ -220,7 +238,10 @@ def test_a_mode_failing_the_accuracy_guard_falls_back_to_fp32() -> None:
     assert failed.requested == "bf16-autocast" and failed.backend.mode == "fp32"
     [(mode, agreement)] = failed.rejected
     assert mode == "bf16-autocast" and agreement.cosine < GUARD_COSINE
-    passed = build_torch(model, "bf16", cpu, Probe.of(model))  # the same mode on its own yardstick
+    probe = Probe.of(model)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        own = torch.stack(model.branch_logits(probe.x), dim=1).float()
+    passed = build_torch(model, "bf16", cpu, Probe(probe.x, own))  # a yardstick bf16 itself meets
     assert passed.backend.mode == "bf16-autocast" and not passed.rejected
     assert passed.backend.agreement.passes_guard()
 
