@@ -116,9 +116,10 @@ async def _settle(futures: list[asyncio.Future[T]], deadline: float) -> list[T] 
         for future in futures:
             if not future.done():
                 future.cancel()
-    for future in futures:
-        if not future.cancelled() and (error := future.exception()) is not None:
-            raise error
+    # every failure is retrieved (a batch failing as a whole fails each of its images), the first raised
+    errors = [error for future in futures if not future.cancelled() and (error := future.exception()) is not None]
+    if errors:
+        raise errors[0]
     if any(future.cancelled() for future in futures):
         return None
     return [future.result() for future in futures]
