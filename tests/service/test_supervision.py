@@ -113,7 +113,7 @@ def test_sigstopped_workers_turn_readyz_503_within_the_watchdog_time_and_recover
     assert idle_s < 2 * floor_s + 2.0, idle_s
     assert busy_s < 15, busy_s
     reasons = [str(getattr(r, "reason", "")) for r in caplog.records if r.getMessage() == "worker hung; killing it"]
-    assert sum("ping" in r for r in reasons) >= 3 and any("a batch of 2 image(s)" in r for r in reasons), reasons
+    assert sum("ping" in r for r in reasons) >= 2 and any("a batch of 2 image(s)" in r for r in reasons), reasons
     measured.warning(f"watchdog: idle workers out of readiness after {idle_s:.2f} s, a held batch after {busy_s:.2f} s")
 
 
