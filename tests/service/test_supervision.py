@@ -178,17 +178,20 @@ def test_consecutive_crashes_space_the_restarts_by_a_growing_delay(
 # -- start-up, deadlines, Retry-After ----------------------------------------------------------
 
 def test_classify_during_start_up_is_503_not_ready_with_retry_after(reference: Reference) -> None:
-    with _server(reference, workers=1, wait=False) as url:
+    """Also: a start-up (model load, warm-up) is not a batch; the watchdog leaves a slow one alone."""
+    with _server(reference, workers=1, wait=False, watchdog_floor_s=0.5) as url:
         pids = _pids(url)
         with stopped(pids):
             states = [w["state"] for w in engine_of(url).describe()["workers"]]
             assert states == ["starting"], f"the worker was ready before it could be held: {states}"
             response = classify(url, timeout_s=20)  # refused at once, not queued behind the start-up
             ready = httpx.get(f"{url}/readyz")
+            threading.Event().wait(4 * 0.5)  # a start-up far past the watchdog's floor
         assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
         assert int(response.headers["Retry-After"]) >= 1
         assert ready.status_code == 503
         wait_ready(url, 60)
+        assert _pids(url) == pids, "the watchdog killed a worker that was still starting"
         assert classify(url).status_code == 200
 
 
