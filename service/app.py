@@ -28,6 +28,7 @@ from .preprocess import InputSpec
 from .replica import ReplicaSpec, build_backend
 from .routes import AppState
 from .settings import Settings
+from .watchdog import WatchdogConfig
 from .workers import shared_threads
 
 __all__ = ["create_app", "prepare"]
@@ -68,6 +69,7 @@ def engine_config(settings: Settings, variant: Variant, weights: LoadedWeights) 
         max_image_pixels=settings.max_image_pixels,
         preprocess_threads=usable_cpus() if threads == "auto" else int(threads),
         cpu_budget=cpu_budget,
+        watchdog=WatchdogConfig(settings.watchdog_floor_s, settings.watchdog_multiplier),
     )
 
 

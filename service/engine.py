@@ -27,6 +27,7 @@ from .errors import DeadlineExceededError, NotReadyError, OverloadedError
 from .metrics import Metrics
 from .preprocess import DecodeCancelled, InputSpec, Preprocessed, preprocess
 from .replica import ReplicaSpec
+from .watchdog import WatchdogConfig
 from .workers import WorkerPool
 
 __all__ = ["Classification", "Engine", "EngineConfig", "ImageResult", "Prediction"]
@@ -75,6 +76,7 @@ class EngineConfig:
     max_image_pixels: int
     preprocess_threads: int
     cpu_budget: int | None  # cores CPU workers share dynamically; None: fixed threads per worker
+    watchdog: WatchdogConfig = WatchdogConfig()  # when a worker counts as hung
 
 
 class DrainRate:
@@ -115,9 +117,10 @@ async def _settle(futures: list[asyncio.Future[T]], deadline: float) -> list[T] 
         for future in futures:
             if not future.done():
                 future.cancel()
-    for future in futures:
-        if not future.cancelled() and (error := future.exception()) is not None:
-            raise error
+    # every failure is retrieved (a batch failing as a whole fails each of its images), the first raised
+    errors = [error for future in futures if not future.cancelled() and (error := future.exception()) is not None]
+    if errors:
+        raise errors[0]
     if any(future.cancelled() for future in futures):
         return None
     return [future.result() for future in futures]
@@ -144,6 +147,7 @@ class Engine:
             requeue=lambda items: self._batcher.queue.put_front(items),
             on_done=self._rate.record,
             cpu_budget=config.cpu_budget,
+            watchdog=config.watchdog,
         )
         self._batcher = Batcher(
             self._pool, max_batch_size=config.max_batch_size, max_batch_delay_s=config.max_batch_delay_ms / 1000
@@ -179,11 +183,15 @@ class Engine:
     def readiness(self) -> tuple[bool, str]:
         if self._draining:
             return False, "draining: the server is shutting down"
-        ready = self._pool.ready_count
+        ready = self._pool.ready_count  # a worker the watchdog found hung is not ready
         if ready == 0:
             states = [w["state"] for w in self._pool.describe()]
             return False, f"no worker can take work yet ({', '.join(states)})"
         return True, f"{ready} worker(s) ready"
+
+    def worker_pids(self) -> dict[int, int]:
+        """Worker id -> pid, for supervision and tests; no route serves it."""
+        return self._pool.pids()
 
     def describe(self) -> dict[str, Any]:
         workers = self._pool.describe()

@@ -2,7 +2,8 @@
 
 The parent writes a batch's branch-0 inputs into one of this worker's slots and sends
 ("run", batch_id, slot, n, threads); the replica writes both branches' logits into the same slot
-and answers ("done", batch_id, slot, seconds). Only these small tuples cross the pipe.
+and answers ("done", batch_id, slot, seconds). Only these small tuples cross the pipe. An idle
+worker answers the parent's ("ping",) with ("pong",): the watchdog's sign of life.
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ def _build(spec: ReplicaSpec, slots: Slots) -> tuple[Backend, dict[str, Any]]:
         )
     if device.type == "cuda":
         _pin(slots)
+    warm_up_started = time.perf_counter()
     backend.warm_up(slots.x[0])  # every batch size (and thread count) this worker will see
+    warm_up_s = time.perf_counter() - warm_up_started  # the watchdog's first bound of a full batch
     info = {
         "backend": backend.name,
         "mode": backend.mode,
@@ -121,6 +124,7 @@ def _build(spec: ReplicaSpec, slots: Slots) -> tuple[Backend, dict[str, Any]]:
         "device": str(device),
         "threads": spec.threads,
         "startup_s": round(time.perf_counter() - started, 3),
+        "warm_up_s": round(warm_up_s, 3),
         **details,
     }
     return backend, info
@@ -140,6 +144,9 @@ def _serve(spec: ReplicaSpec, conn: Connection, slots: Slots, backend: Backend) 
             return  # the parent is gone: nothing left to serve
         if message[0] == "stop":
             return
+        if message[0] == "ping":
+            conn.send(("pong",))
+            continue
         _, batch_id, slot, n, threads = message  # threads: the parent shares the cores among busy workers
         started = time.perf_counter()
         try:

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="images waiting for a worker before 503")
     request_timeout_s: float = Field(30.0, gt=0)
     shutdown_timeout_s: float = Field(25.0, gt=0, description="drain budget after SIGTERM")
+    watchdog_floor_s: float = Field(
+        5.0, gt=0, description="a batch, or an idle worker's ping, may always run this long before its worker is killed"
+    )
+    watchdog_multiplier: float = Field(
+        10.0, ge=2, description="a batch may run this many times its expected (p99 measured) time"
+    )
 
     # request limits
     max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024)

@@ -2,7 +2,9 @@
 
 A worker that dies (segfault, OOM kill, CUDA error) is noticed at once through its process
 sentinel on the event loop; images it held are retried once elsewhere or failed with a
-retryable 503, and it is restarted with exponential backoff. Readiness reads `ready_count`.
+retryable 503, and it is restarted with exponential backoff. A worker that hangs instead (a
+batch running far past its measured time, or an idle worker not answering a ping) is marked
+hung by the watchdog and killed, which takes the same path. Readiness reads `ready_count`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .batcher import Pending, WorkerOutput
 from .errors import WorkerFailedError
 from .metrics import Metrics
 from .replica import ReplicaSpec, Slots
+from .watchdog import InferenceTimes, WatchdogConfig
 
 __all__ = ["WorkerPool", "WorkerState", "shared_threads"]
 
@@ -46,6 +49,7 @@ def shared_threads(threads: int, cpu_budget: int | None, busy: int) -> int:
 class WorkerState(str, enum.Enum):
     STARTING = "starting"
     READY = "ready"
+    HUNG = "hung"  # the watchdog killed it; its death is being handled
     DEAD = "dead"
     STOPPED = "stopped"
 
@@ -73,6 +77,9 @@ class _Worker:
     ready_at: float | None = None
     last_error: str | None = None
     restart: asyncio.TimerHandle | None = None
+    busy_since: float | None = None  # when its oldest in-flight batch started computing
+    last_heard: float = 0.0  # its last message
+    ping_sent_at: float | None = None  # an unanswered ping to the idle worker
 
 
 class WorkerPool:
@@ -87,6 +94,7 @@ class WorkerPool:
         requeue: Callable[[list[Pending]], None],
         on_done: Callable[[int], None],
         cpu_budget: int | None = None,
+        watchdog: WatchdogConfig | None = None,
     ) -> None:
         self._ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
         self._workers = [
@@ -103,6 +111,9 @@ class WorkerPool:
         self._cpu_budget = cpu_budget
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog = watchdog or WatchdogConfig()
+        self._times: dict[str, InferenceTimes] = {}  # per device: a GPU's batches say nothing of a CPU's
+        self._watch_task: asyncio.Task[None] | None = None
 
     # -- what the batcher and readiness read -------------------------------------------------
     @property
@@ -121,6 +132,11 @@ class WorkerPool:
 
     def has_idle(self) -> bool:
         return any(w.state is WorkerState.READY and not w.in_flight for w in self._workers)
+
+    def pids(self) -> dict[int, int]:
+        """Worker id -> pid of its live process: for supervision tooling and tests, never served."""
+        return {w.spec.worker_id: w.process.pid for w in self._workers
+                if w.process is not None and w.process.pid is not None and w.conn is not None}
 
     def describe(self) -> list[dict[str, Any]]:
         return [
@@ -142,10 +158,13 @@ class WorkerPool:
         self._loop = asyncio.get_running_loop()
         for worker in self._workers:
             self._spawn(worker)
+        self._watch_task = self._loop.create_task(self._watch(), name="worker-watchdog")
 
     async def stop(self, timeout_s: float) -> None:
         """Ask every worker to exit; terminate the ones that don't within the timeout."""
         self._stopping = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         for worker in self._workers:
             if worker.restart is not None:
                 worker.restart.cancel()
@@ -183,6 +202,7 @@ class WorkerPool:
         worker.state = WorkerState.STARTING
         worker.free_slots = list(range(worker.slots.count))
         worker.in_flight = {}
+        worker.busy_since = worker.ping_sent_at = None
         self._loop.add_reader(parent_conn.fileno(), self._on_readable, worker)
         self._loop.add_reader(process.sentinel, self._on_exit, worker)
         logger.info("worker starting", extra={"worker": worker.spec.worker_id, "pid": process.pid,
@@ -211,6 +231,8 @@ class WorkerPool:
             item.attempts += 1
             self._metrics.queue_wait.observe(now - item.enqueued_at)
         record = _Batch(next(self._batch_ids), slot, batch, now)
+        if not worker.in_flight:
+            worker.busy_since = now  # an idle worker starts it at once; a busy one after its current batch
         worker.in_flight[record.id] = record
         self._metrics.batch_size.observe(len(batch))
         try:
@@ -236,14 +258,19 @@ class WorkerPool:
 
     def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
+        worker.last_heard = time.monotonic()
         if kind == "ready":
             worker.state, worker.info, worker.ready_at, worker.last_error = (
                 WorkerState.READY, message[1], time.monotonic(), None
             )
+            if "warm_up_s" in worker.info:
+                self._times_of(worker).record_warm_up(worker.spec.max_batch_size, worker.info["warm_up_s"])
+        elif kind == "pong":
+            worker.ping_sent_at = None
         elif kind == "done":
             _, batch_id, slot, seconds = message
-            batch = worker.in_flight.pop(batch_id)
-            worker.free_slots.append(slot)
+            batch = self._finished(worker, batch_id, slot)
+            self._times_of(worker).record(len(batch.items), seconds)
             logits = worker.slots.logits[slot, : len(batch.items)].clone()
             for i, item in enumerate(batch.items):
                 if not item.future.done():
@@ -255,13 +282,22 @@ class WorkerPool:
             self._on_done(len(batch.items))
         elif kind == "failed":
             _, batch_id, slot, reason = message
-            batch = worker.in_flight.pop(batch_id)
-            worker.free_slots.append(slot)
+            batch = self._finished(worker, batch_id, slot)
             logger.error("batch failed on a worker", extra={"worker": worker.spec.worker_id, "reason": reason})
             self._fail(batch.items, f"inference failed: {reason}")
         elif kind == "fatal":
             worker.last_error = message[1]
         self._wake()
+
+    def _finished(self, worker: _Worker, batch_id: int, slot: int) -> _Batch:
+        batch = worker.in_flight.pop(batch_id)
+        worker.free_slots.append(slot)
+        # the worker reads its next staged batch as soon as it answers this one
+        worker.busy_since = worker.last_heard if worker.in_flight else None
+        return batch
+
+    def _times_of(self, worker: _Worker) -> InferenceTimes:
+        return self._times.setdefault(worker.spec.device, InferenceTimes())
 
     def _fail(self, items: list[Pending], message: str) -> None:
         for item in items:
@@ -274,7 +310,7 @@ class WorkerPool:
         worker.process.join(timeout=1)
         exitcode = worker.process.exitcode
         self._detach(worker)
-        was_ready = worker.state is WorkerState.READY
+        was_ready = worker.state in (WorkerState.READY, WorkerState.HUNG)
         worker.state = WorkerState.STOPPED if self._stopping else WorkerState.DEAD
         if self._stopping:
             return
@@ -312,3 +348,51 @@ class WorkerPool:
         worker.restarts += 1
         self._metrics.worker_restarts.inc()
         self._spawn(worker)
+
+    # -- the watchdog ---------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        """Look at every ready worker a few times per floor period; kill the ones that hang."""
+        while True:
+            await asyncio.sleep(self._watchdog.scan_interval_s)
+            for worker in self._workers:
+                self._check(worker)
+
+    def _check(self, worker: _Worker) -> None:
+        if worker.state is not WorkerState.READY or worker.conn is None:
+            return  # a starting worker loads its model: not a batch, no limit
+        now = time.monotonic()
+        if not worker.in_flight and worker.ping_sent_at is None and now - worker.last_heard > self._watchdog.floor_s:
+            worker.ping_sent_at = now  # idle and silent for a while: is it still there?
+            try:
+                worker.conn.send(("ping",))
+            except (OSError, ValueError):
+                pass  # dying: the sentinel reports it
+            return
+        if self._overdue(worker, now) is None:
+            return
+        self._on_readable(worker)  # an answer already in the pipe still counts
+        reason = self._overdue(worker, time.monotonic())
+        if reason is not None and worker.state is WorkerState.READY:
+            self._kill_hung(worker, reason)
+
+    def _overdue(self, worker: _Worker, now: float) -> str | None:
+        """Why the worker counts as hung, or None."""
+        if worker.in_flight and worker.busy_since is not None:
+            images = len(next(iter(worker.in_flight.values())).items)  # the oldest batch is the one computing
+            limit = self._times_of(worker).limit_s(images, self._watchdog)
+            if now - worker.busy_since > limit:
+                return f"a batch of {images} image(s) ran {now - worker.busy_since:.1f} s (limit {limit:.1f} s)"
+        elif worker.ping_sent_at is not None and now - worker.ping_sent_at > self._watchdog.floor_s:
+            return f"no answer to a ping for {now - worker.ping_sent_at:.1f} s"
+        return None
+
+    def _kill_hung(self, worker: _Worker, reason: str) -> None:
+        """Out of readiness at once; SIGKILL (a stopped or deadlocked process ignores anything
+        gentler); its sentinel then retries the images and restarts it with backoff."""
+        worker.state = WorkerState.HUNG
+        worker.last_error = f"watchdog: {reason}"
+        assert worker.process is not None
+        logger.error("worker hung; killing it", extra={"worker": worker.spec.worker_id, "pid": worker.process.pid,
+                                                        "reason": reason})
+        worker.process.kill()
+        self._wake()

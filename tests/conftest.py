@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 import timm
 import torch
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from service.app import create_app
+from service.engine import Engine
 from service.settings import Settings
 
 TEST_VARIANT = "crossvit_tiny_240"  # the cheapest published variant: fast tests, real architecture
@@ -62,23 +62,16 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> None:
             threading.Event().wait(0.1)  # a short poll interval, not a sleep-to-synchronise
 
 
-_APPS: dict[str, FastAPI] = {}  # url -> app of each running in-process server, for `worker_pids`
-
-
-def worker_pids(url: str) -> list[int]:
-    """The live worker processes of an in-process test server, by worker id (the API shows no pids)."""
-    pool = _APPS[url].state.engine._pool  # test-only look inside: pids are kept out of every response
-    return [w.process.pid for w in pool._workers if w.process is not None and w.process.is_alive()]
-
-
-def cli_worker_pids(server: CliServer) -> list[int]:
-    """The worker processes of a `crossvit-serve` subprocess (spawned children, not the resource tracker)."""
-    children = psutil.Process(server.process.pid).children()
-    return [c.pid for c in children if "spawn_main" in " ".join(c.cmdline())]
+_ENGINES: dict[str, Engine] = {}  # url -> engine of each in-process server, for the supervision tests
 
 
 def serve_app(app: FastAPI) -> tuple[str, Callable[[], None]]:
     """Run `app` under uvicorn in a thread on a socket that listens before uvicorn starts; (url, stop)."""
+    url, stop, _ = _serve(app)
+    return url, stop
+
+
+def _serve(app: FastAPI) -> tuple[str, Callable[[], None], uvicorn.Server]:
     sock = socket.create_server(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
@@ -90,25 +83,60 @@ def serve_app(app: FastAPI) -> tuple[str, Callable[[], None]]:
         thread.join(timeout=60)
         sock.close()
 
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop, server
 
 
 def server_settings(**overrides: Any) -> Settings:
-    return Settings(**{"model": TEST_VARIANT, "fetch_weights": False, "log_level": "warning", **overrides})
+    """Test settings: the test variant, no fetching, and the CPU unless a test asks for a device (the
+    CPU assertions must hold on a CUDA host too)."""
+    return Settings(**{"model": TEST_VARIANT, "fetch_weights": False, "log_level": "warning", "device": "cpu",
+                       **overrides})
 
 
 @contextmanager
-def run_server(**overrides: Any) -> Iterator[str]:
-    """The real app under uvicorn in a thread."""
+def run_server(*, wait: bool = True, **overrides: Any) -> Iterator[str]:
+    """The real app under uvicorn in a thread. `wait=False` yields as soon as the lifespan has
+    started the workers, before they are ready."""
     app = create_app(server_settings(**overrides))
-    url, stop = serve_app(app)
-    _APPS[url] = app
+    url, stop, server = _serve(app)
     try:
-        wait_ready(url)
+        if wait:
+            wait_ready(url)
+        else:
+            _wait_until(lambda: server.started, 120, "the server to start")
+        _ENGINES[url] = app.state.engine
         yield url
     finally:
+        _ENGINES.pop(url, None)
         stop()
-        del _APPS[url]
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        threading.Event().wait(0.02)
+
+
+def engine_of(url: str) -> Engine:
+    """The engine behind an in-process test server (`run_server`): worker pids and states."""
+    return _ENGINES[url]
+
+
+def worker_pids(url: str) -> list[int]:
+    """The worker processes of an in-process test server, by worker id (the API shows no pids)."""
+    return [pid for _, pid in sorted(engine_of(url).worker_pids().items())]
+
+
+def child_worker_pids(pid: int) -> list[int]:
+    """The worker processes of the server process `pid` (a `start_cli` server), from /proc."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sorted(int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
+
+
+def cli_worker_pids(server: CliServer) -> list[int]:
+    return child_worker_pids(server.process.pid)
 
 
 BACKENDS = ["openvino", "torch"]
@@ -118,6 +146,9 @@ def _main_server(reference: Reference, backend: str) -> Iterator[str]:
     """fp32, so that served logits can be compared with timm's; two workers."""
     with run_server(weights=str(reference.checkpoint), precision="fp32", workers=2, threads_per_worker=1,
                     max_batch_size=4, backend=backend) as url:
+        # every worker, not only the first: tests read both workers' cards and spread batches over both
+        workers = lambda: httpx.get(f"{url}/v1/models", timeout=5).json()["workers"]  # noqa: E731
+        _wait_until(lambda: all(w["state"] == "ready" for w in workers()), 300, "both workers to be ready")
         yield url
 
 
@@ -189,7 +220,7 @@ class CliServer:
 def cli_env(tmp_path: Path, **settings: object) -> dict[str, str]:
     """A clean environment: only the settings given here, plus what Python needs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CROSSVIT_")}
-    env.update({"CROSSVIT_MODEL": TEST_VARIANT, "CROSSVIT_FETCH_WEIGHTS": "false",
+    env.update({"CROSSVIT_MODEL": TEST_VARIANT, "CROSSVIT_FETCH_WEIGHTS": "false", "CROSSVIT_DEVICE": "cpu",
                 "CROSSVIT_WEIGHTS_DIR": str(tmp_path / "no-weights-here"), "PYTHONUNBUFFERED": "1"})
     env.update({f"CROSSVIT_{k.upper()}": str(v) for k, v in settings.items()})
     return env

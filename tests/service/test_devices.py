@@ -10,12 +10,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.runtime import Mode
 from service.backends.pytorch_runtime import choose_mode
 from service.devices import plan_workers, usable_cpus
 from tests.conftest import Reference, run_server
 from tests.photos import encode, photo
+from tests.service.test_api import _served_logits, _timm_logits
 
 
 def test_cgroup_v2_quota_caps_the_cpu_count(tmp_path: Path) -> None:
@@ -81,10 +83,16 @@ def test_explicit_precisions_map_to_modes() -> None:
 
 
 @pytest.mark.gpu
-def test_server_on_cuda_classifies(reference: Reference) -> None:
+def test_server_on_cuda_classifies_like_the_cpu(reference: Reference) -> None:
+    """Not only a 200: the CUDA worker's logits (reduced precision, as `auto` picks it) follow
+    timm's fp32 pipeline on the CPU, image for image."""
+    data = encode(photo("chelsea"), "JPEG")
+    expected = _timm_logits(reference, data)
     with run_server(weights=str(reference.checkpoint), device="cuda", workers=1) as url:
         card = httpx.get(f"{url}/v1/models").json()
         assert card["devices"] == ["cuda:0"] and card["precision"][0] in ("bf16-autocast", "fp16-autocast")
-        response = httpx.post(f"{url}/v1/classify", content=encode(photo("chelsea"), "JPEG"),
-                              headers={"Content-Type": "image/jpeg"}, timeout=60)
-        assert response.status_code == 200
+        with httpx.Client(base_url=url, timeout=60) as client:
+            served = _served_logits(client, data, "image/jpeg")
+    assert F.cosine_similarity(served, expected, dim=0) >= 0.999
+    assert float((served - expected).abs().max() / expected.abs().max()) <= 5e-2
+    assert served.argmax() == expected.argmax() or expected.topk(2).values.diff().abs() < 1e-2
