@@ -103,7 +103,7 @@ def run_server(*, wait: bool = True, **overrides: Any) -> Iterator[str]:
         if wait:
             wait_ready(url)
         else:
-            _wait_until(lambda: server.started, 120, "the server to start")
+            until(lambda: server.started, 120, "the server to start")
         _ENGINES[url] = app.state.engine
         yield url
     finally:
@@ -111,11 +111,12 @@ def run_server(*, wait: bool = True, **overrides: Any) -> Iterator[str]:
         stop()
 
 
-def _wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+def until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `predicate` until true; fail the test after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         threading.Event().wait(0.02)
 
 
@@ -148,7 +149,7 @@ def _main_server(reference: Reference, backend: str) -> Iterator[str]:
                     max_batch_size=4, backend=backend) as url:
         # every worker, not only the first: tests read both workers' cards and spread batches over both
         workers = lambda: httpx.get(f"{url}/v1/models", timeout=5).json()["workers"]  # noqa: E731
-        _wait_until(lambda: all(w["state"] == "ready" for w in workers()), 300, "both workers to be ready")
+        until(lambda: all(w["state"] == "ready" for w in workers()), 300, "both workers to be ready")
         yield url
 
 

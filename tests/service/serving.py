@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -37,13 +35,6 @@ def classify(url: str, images: int = 1, timeout_s: float = 120, **headers: str) 
     files = [("images", (f"{i}.jpg", JPEG, "image/jpeg")) for i in range(images)]
     return httpx.post(f"{url}/v1/classify", files=files, headers=headers, timeout=timeout_s)
 
-
-def until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        threading.Event().wait(0.02)
 
 
 def ready_status(url: str) -> int:

@@ -9,9 +9,7 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import Reference, cli_env, cli_worker_pids, start_cli
+from tests.conftest import Reference, cli_env, cli_worker_pids, start_cli, until
 from tests.photos import encode, photo
 
 # torch fp32 on one thread: no conversion, no bf16 guard; starts in seconds on a busy machine
@@ -117,9 +115,9 @@ def test_a_second_sigterm_exits_at_once(tmp_path: Path, reference: Reference) ->
             with ThreadPoolExecutor(1) as pool:
                 held = pool.submit(httpx.post, f"{server.url}/v1/classify", content=JPEG,
                                    headers={"Content-Type": "image/jpeg"}, timeout=60)
-                _until(lambda: _in_flight(server.url) >= 1, 20, "the request to be in flight")
+                until(lambda: _in_flight(server.url) >= 1, 20, "the request to be in flight")
                 server.process.send_signal(signal.SIGTERM)
-                _until(lambda: httpx.get(f"{server.url}/readyz").status_code == 503, 10, "the drain to begin")
+                until(lambda: httpx.get(f"{server.url}/readyz").status_code == 503, 10, "the drain to begin")
                 started = time.monotonic()
                 server.process.send_signal(signal.SIGTERM)
                 code = server.process.wait(timeout=20)
@@ -127,7 +125,7 @@ def test_a_second_sigterm_exits_at_once(tmp_path: Path, reference: Reference) ->
                 with pytest.raises(httpx.TransportError):
                     held.result()
             # killed by the server itself (this test's clean-up below is only a safety net)
-            _until(lambda: all(_gone(pid) for pid in workers), 5, "the stopped worker to be killed")
+            until(lambda: all(_gone(pid) for pid in workers), 5, "the stopped worker to be killed")
         finally:
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
@@ -148,13 +146,6 @@ def _in_flight(url: str) -> float:
     match = re.search(r"^crossvit_in_flight_requests ([0-9.e+-]+)$", httpx.get(f"{url}/metrics").text, re.M)
     return float(match.group(1)) if match else 0.0
 
-
-def _until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        threading.Event().wait(0.05)
 
 
 def test_prepare_only_fills_the_model_cache_that_serving_then_loads(tmp_path: Path, reference: Reference) -> None:

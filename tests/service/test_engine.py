@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import BACKENDS, Reference, child_worker_pids, engine_of, run_server, start_cli
+from tests.conftest import BACKENDS, Reference, child_worker_pids, engine_of, run_server, start_cli, until
 from tests.photos import encode, photo
-from tests.service.serving import JPEG, batches, classify, metric, ready_status, stopped, until
+from tests.service.serving import JPEG, batches, classify, metric, ready_status, stopped
 
 HOLD = {"watchdog_floor_s": 600, "request_timeout_s": 300}  # held workers: neither watchdog nor deadline steps in
 

@@ -5,29 +5,20 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from service.app import create_app
-from tests.conftest import Reference, serve_app, server_settings, start_cli, wait_ready
+from tests.conftest import Reference, serve_app, server_settings, start_cli, until, wait_ready
 from tests.service.test_errors import assert_error
 
 # torch fp32 on one thread: no conversion, no bf16 guard; starts in seconds on a busy machine
 FAST_START = {"backend": "torch", "precision": "fp32", "threads_per_worker": 1}
 _LINE_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ +[\w.]+: ")
 
-
-def _until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        threading.Event().wait(0.05)
 
 
 def test_control_characters_in_the_path_cannot_forge_a_text_log_line(tmp_path: Path, reference: Reference) -> None:
@@ -38,7 +29,7 @@ def test_control_characters_in_the_path_cannot_forge_a_text_log_line(tmp_path: P
         response = httpx.get(server.url + path)
         assert response.status_code == 404
         request_id = response.headers["X-Request-ID"]
-        _until(lambda: request_id in server.log(), 10, "the access line")  # written just after the answer
+        until(lambda: request_id in server.log(), 10, "the access line")  # written just after the answer
     lines = server.log().splitlines()
     assert not any(line.startswith(forged[:20]) for line in lines), server.log()
     access = [line for line in lines if request_id in line]

@@ -26,8 +26,8 @@ from model.variants import create_model
 from service.backends import GUARD_COSINE, Probe, build_torch
 from service.watchdog import InferenceTimes, WatchdogConfig
 from service.workers import shared_threads
-from tests.conftest import TEST_VARIANT, Reference, engine_of, run_server, wait_ready
-from tests.service.serving import batches, classify, metric, ready_status, stopped, until
+from tests.conftest import TEST_VARIANT, Reference, engine_of, run_server, until, wait_ready
+from tests.service.serving import batches, classify, metric, ready_status, stopped
 
 measured = logging.getLogger("tests.measured")  # the numbers a report quotes (pytest -rP shows them)
 HOLD_S = 600.0  # a watchdog floor no test reaches: the test, not the watchdog, decides what happens

@@ -7,9 +7,6 @@ import hashlib
 import os
 import shutil
 import signal
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -17,16 +14,8 @@ import torch
 from conftest import TINY
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import Reference, run_server, start_cli, worker_pids
+from tests.conftest import Reference, run_server, start_cli, until, worker_pids
 from weights.store import MANIFEST_NAME, read_manifest, record
-
-
-def _until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        threading.Event().wait(0.1)
 
 
 def _other_checkpoint(source: Path, target: Path) -> None:
@@ -73,7 +62,7 @@ def test_a_restarted_worker_refuses_a_replaced_file_and_the_pool_reports_it(
             worker = httpx.get(f"{url}/v1/models").json()["workers"][0]
             return "verified at start-up" in (worker["last_error"] or "")
 
-        _until(refused, 60, "the restarted worker to refuse the replaced file")
+        until(refused, 60, "the restarted worker to refuse the replaced file")
         card = httpx.get(f"{url}/v1/models").json()
         assert card["weights"]["sha256"] == verified  # still the truth: nothing serves the new file
         assert card["workers"][0]["state"] != "ready"
