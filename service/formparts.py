@@ -19,6 +19,9 @@ FIELD = "images"
 MAX_HEADER_BYTES = 16 * 1024  # per part: names and filenames, not data
 
 
+MAX_OTHER_PARTS = 64  # parts besides the images a body may carry (Starlette's own parser stops at 1000)
+
+
 def _invalid(message: str) -> BadRequestError:
     return BadRequestError(f"malformed multipart body: {message}", code="invalid_multipart")
 
@@ -42,6 +45,9 @@ class FormImages:
         self._max_images = max_images
         self.images: list[Part] = []
         self.fields: set[str] = set()  # every part's name, for the error that finds no images
+        self._parts = 0
+        # other fields are skipped, but each costs parser callbacks on the event loop (and a name here)
+        self._max_parts = max_images + MAX_OTHER_PARTS
         self._current: Part | None = None  # the image part being read; None for a part that is skipped
         self._header_name = bytearray()
         self._header_value = bytearray()
@@ -57,6 +63,9 @@ class FormImages:
         })
 
     def _on_part_begin(self) -> None:
+        self._parts += 1
+        if self._parts > self._max_parts:
+            raise _invalid(f"more than {self._max_parts} parts; only '{FIELD}' file parts are read")
         self._current = None
         self._disposition = b""
         self._header_bytes = 0

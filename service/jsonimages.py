@@ -87,16 +87,22 @@ class JsonImagesScanner:
         return self._buf[self._pos] if self._pos < len(self._buf) else None
 
     def _closing_quote(self) -> int | None:
-        """Index of the open string's closing quote, or None until it arrives; each byte is searched once."""
-        while (quote := self._buf.find(b'"', self._search_from)) != -1:
-            backslashes = 0
-            while self._buf[quote - 1 - backslashes] == 0x5C:  # a quote after an odd run of '\' is escaped
-                backslashes += 1
-            if backslashes % 2 == 0:
-                return quote
-            self._search_from = quote + 1
-        self._search_from = len(self._buf)
-        return None
+        """Index of the open string's closing quote, or None until it arrives; each byte is searched once.
+
+        An escaped quote is refused: neither base64 nor the one key holds one, and stepping over
+        millions of them (a body of `\\"\\"...`) one Python iteration each would hold the event loop.
+        """
+        quote = self._buf.find(b'"', self._search_from)
+        if quote == -1:
+            self._search_from = len(self._buf)
+            return None
+        backslashes = 0
+        while self._buf[quote - 1 - backslashes] == 0x5C:  # a quote after an odd run of '\' is escaped
+            backslashes += 1
+        if backslashes % 2:
+            where = f"{FIELD}.{len(self._raw)}" if self._state is _State.ITEM_TEXT else "a key"
+            raise _invalid(f"{where}: an escaped quote ({self._at()}); images are base64 strings, which have none")
+        return quote
 
     def _open_string(self, state: _State) -> None:
         # _pos stays on the opening quote until the string closes, so that it is never dropped

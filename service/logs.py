@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -59,6 +60,10 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         return _escape(super().formatMessage(record))  # the traceback, appended after this, keeps its lines
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
+        """Indented (and CR escaped): an exception message holding client text cannot pass for a log line."""
+        return textwrap.indent(super().formatException(ei).replace("\r", "\\r"), "  ")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

@@ -38,6 +38,7 @@ function of its arguments and changes no global state (PIL's settings and warnin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -95,6 +96,7 @@ DECODE_BYTES_PER_PIXEL = 8
 # own writer makes 64 kB strips (about 1800 for 40 MP RGB); a strip per row of an 8000-row photo is 8000.
 MAX_TIFF_BLOCKS = 1 << 16
 
+MAX_EXIF_BYTES = 65_535  # a JPEG's EXIF segment holds at most this; a PNG eXIf chunk or WebP EXIF could hold MBs
 _PIL_ALIASES = {"MPO": "JPEG"}  # multi-picture JPEGs (many phone cameras); the first picture is a JPEG
 # The plugins Image.open may try, so no other parser (SPIDER, TGA, ...) ever reads a client's bytes.
 _OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG's opener also returns MPO
@@ -348,6 +350,17 @@ def decode_bytes(mode: str, size: tuple[int, int], *, transparency: bool = False
     return max(2 * stored, stored + converted, 2 * out) * width * height
 
 
+@contextlib.contextmanager
+def _pixel_errors(index: int | None) -> Iterator[None]:
+    """PIL's errors while decoding pixels, as the API's: a bomb is 413, anything else 422."""
+    try:
+        yield
+    except _BOMB:
+        raise ImageTooLargeError("image has too many pixels to decode", index=index) from None
+    except _DECODE_ERRORS:
+        raise InvalidImageError("image data is truncated or corrupt: cannot decode its pixels", index=index) from None
+
+
 def _decode_rgb(
     image: ImageFile.ImageFile, spec: InputSpec, *, draft: bool, index: int | None, max_pixels: int,
     checkpoint: _Checkpoints,
@@ -374,15 +387,18 @@ def _decode_rgb(
             f"{budget // 2**20} MiB ({DECODE_BYTES_PER_PIXEL} bytes x {max_pixels} pixels): send it smaller"
             + ("" if image.mode == "RGB" else ", or as 8-bit RGB"), index=index,
         )
-    try:
+    with _pixel_errors(index):
         image.load()
-        stored_size = image.size
-        checkpoint()
+    stored_size = image.size
+    checkpoint()
+    exif_bytes = len(image.info.get("exif", b""))
+    if exif_bytes > MAX_EXIF_BYTES:  # PIL would parse every tag of it, whatever the image's size
+        raise InvalidImageError(
+            f"its EXIF block is {exif_bytes} bytes; at most {MAX_EXIF_BYTES} are read (a JPEG's can be no larger)",
+            index=index,
+        )
+    with _pixel_errors(index):
         ImageOps.exif_transpose(image, in_place=True)  # no copy, and none when upright
-    except _BOMB:
-        raise ImageTooLargeError("image has too many pixels to decode", index=index) from None
-    except _DECODE_ERRORS:
-        raise InvalidImageError("image data is truncated or corrupt: cannot decode its pixels", index=index) from None
     swapped = image.size != stored_size
     checkpoint()
     try:

@@ -355,7 +355,10 @@ class WorkerPool:
         while True:
             await asyncio.sleep(self._watchdog.scan_interval_s)
             for worker in self._workers:
-                self._check(worker)
+                try:
+                    self._check(worker)
+                except Exception:  # one bad check must not end the watchdog for good
+                    logger.exception("watchdog check failed", extra={"worker": worker.spec.worker_id})
 
     def _check(self, worker: _Worker) -> None:
         if worker.state is not WorkerState.READY or worker.conn is None:

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.cli import uvicorn_config
+from service.errors import BadRequestError
 from service.formparts import FormImages
 from service.jsonimages import JsonImagesScanner
 from service.settings import Settings
@@ -356,7 +357,7 @@ def test_upload_budget_must_hold_one_maximal_body() -> None:
 # -- the streaming readers, split at every byte ---------------------------------------------------
 
 
-JSON_BODY = '\ufeff {"images" :\n [ "QUJD" , "data:image/png;base64,\\u0041\\"\\\\\\/", "\u00e9\\n"] } '.encode()
+JSON_BODY = '\ufeff {"images" :\n [ "QUJD" , "data:image/png;base64,\\u0041\\\\\\/", "\u00e9\\n"] } '.encode()
 
 
 def test_json_scanner_reads_the_shape_split_anywhere() -> None:
@@ -367,6 +368,25 @@ def test_json_scanner_reads_the_shape_split_anywhere() -> None:
         scanner.feed(JSON_BODY[:cut])
         scanner.feed(JSON_BODY[cut:])
         assert scanner.strings() == expected, cut
+
+
+def test_an_escaped_quote_is_refused_at_once() -> None:
+    """Millions of escaped quotes would cost a Python iteration each on the event loop (8 s for 32 MiB)."""
+    scanner = JsonImagesScanner(max_images=3)
+    scanner.feed(b'{"images": ["QUJD\\\\", "')  # an escaped backslash before the closing quote is fine
+    started = time.perf_counter()
+    with pytest.raises(BadRequestError, match=r"images\.1: an escaped quote"):
+        scanner.feed(b'\\"' * (16 * 1024 * 1024))
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_flood_of_other_parts_is_refused() -> None:
+    """Skipped fields still cost parser work on the event loop: past the images + 64 others, 400."""
+    empty = f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n\r\n".encode()
+    form = FormImages(MULTIPART, max_images=2)
+    form.feed(empty * 66)  # 2 + 64: still read
+    with pytest.raises(BadRequestError, match="more than 66 parts"):
+        form.feed(empty)
 
 
 def test_multipart_reader_reads_parts_split_anywhere() -> None:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,6 +106,25 @@ def test_a_spider_header_with_an_infinite_field_is_422(spec: InputSpec) -> None:
     with pytest.raises(InvalidImageError) as caught:
         preprocess(spider(stack=float("inf")), spec, max_pixels=MAX_PIXELS, index=3)
     assert (caught.value.status, caught.value.code, caught.value.index) == (422, "invalid_image", 3)
+
+
+def _png_with_exif(entries: int) -> bytes:
+    """An 8x8 PNG with an eXIf chunk: a TIFF header and one LONG tag of `entries` values."""
+    png = encode(Image.new("RGB", (8, 8), (10, 20, 30)), "PNG")
+    exif = (b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x9999, 4, entries, 26)
+            + struct.pack("<I", 0) + bytes(4 * entries))
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+    end = png.index(b"IEND") - 4
+    return png[:end] + chunk + png[end:]
+
+
+def test_a_huge_exif_block_is_refused_before_pil_parses_it(spec: InputSpec) -> None:
+    """An 8x8 PNG with a 16 MB eXIf chunk: PIL's getexif would read all 4 M values (200+ MiB, GIL held)."""
+    started = time.perf_counter()
+    with pytest.raises(InvalidImageError, match="EXIF block is"):
+        preprocess(_png_with_exif(4_000_000), spec, max_pixels=MAX_PIXELS)
+    assert time.perf_counter() - started < 0.3
+    preprocess(_png_with_exif(100), spec, max_pixels=MAX_PIXELS)  # an ordinary EXIF block is read
 
 
 def test_a_valid_spider_image_is_never_parsed(spec: InputSpec) -> None:

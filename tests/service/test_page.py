@@ -83,7 +83,7 @@ def test_page_and_assets_are_served_from_the_package(client: httpx.Client) -> No
     assert "/" not in client.get("/openapi.json").json()["paths"]
 
 
-def test_page_classifies_a_photo_from_the_keyboard_reachable_picker(server: str, browser: Browser, tmp_path: Path) -> None:
+def test_page_classifies_a_photo_from_the_keyboard_picker(server: str, browser: Browser, tmp_path: Path) -> None:
     photo = tmp_path / "chelsea.jpg"
     photo.write_bytes(photo_jpeg("chelsea"))
     notes = tmp_path / "notes.jpg"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from service.app import create_app
+from service.logs import TextFormatter
 from tests.conftest import Reference, serve_app, server_settings, start_cli, until, wait_ready
 from tests.service.test_errors import assert_error
 
@@ -72,3 +74,14 @@ def test_an_unexpected_error_is_a_500_with_its_request_id_logged_once(
               if r.getMessage() == "request" and getattr(r, "request_id", "") == "trace-me-500"]
     assert len(access) == 1 and getattr(access[0], "status", None) == 500
     assert getattr(access[0], "error_code", None) == "internal_error"
+
+
+def test_an_exception_message_cannot_forge_a_text_log_line() -> None:
+    """The 500 path logs the traceback; its last line carries the exception's message, maybe client text."""
+    record = logging.LogRecord("service.app", logging.ERROR, __file__, 1, "unexpected error", None, None)
+    try:
+        raise ValueError("x\n2026-01-01 00:00:00,000 INFO    service.access: request status=200")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    lines = TextFormatter().format(record).splitlines()
+    assert [line for line in lines if _LINE_START.match(line)] == lines[:1]
