@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,9 @@ from model.variants import get_variant
 
 from .fetch import FetchError
 from .fetch import fetch as fetch_checkpoint
-from .store import WeightsNotFoundError, find_local, read_manifest, recorded_sha256, resolve_path
+from .store import ManifestError, WeightsNotFoundError, find_local, read_manifest, recorded_sha256, resolve_path
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_SUFFIXES", "Resolved", "hub_repo_id", "resolve_weights"]
 
@@ -79,7 +82,7 @@ def _configured(name: str, weights: str, weights_dir: Path, *, fetch: bool) -> R
         found = resolve_path(path, name)
         folder = path if path.is_dir() else found.parent  # a file is checked against a manifest beside it
         return Resolved(found, "configured", f"CROSSVIT_WEIGHTS={weights} gives {found}",
-                        recorded_sha256(folder, found))
+                        _recorded_beside(folder, found))
     repo_id = hub_repo_id(weights)
     if repo_id is None:
         raise WeightsNotFoundError(
@@ -99,3 +102,14 @@ def _configured(name: str, weights: str, weights_dir: Path, *, fetch: bool) -> R
     path = fetch_checkpoint(name, weights_dir, source="hub", repo_id=repo_id, progress=False)
     return Resolved(path, "fetched", f"CROSSVIT_WEIGHTS={weights}: fetched {repo_id} to {path}",
                     recorded_sha256(weights_dir, path))
+
+
+def _recorded_beside(folder: Path, path: Path) -> str | None:
+    """The sha256 a manifest.json beside a configured file records; one that is not ours (unreadable
+    as a manifest: another tool's file of the same name) records nothing, with a warning."""
+    try:
+        return recorded_sha256(folder, path)
+    except ManifestError as exc:
+        logger.warning("manifest beside the configured weights not read; their sha256 is not checked against it",
+                       extra={"manifest": str(folder / "manifest.json"), "reason": str(exc)})
+        return None

@@ -47,6 +47,14 @@ def test_configured_file_is_used_as_is(tmp_path: Path) -> None:
         resolved.how = "none"  # type: ignore[misc]
 
 
+def test_a_foreign_manifest_beside_a_configured_file_is_not_fatal(tmp_path: Path) -> None:
+    """`manifest.json` is a common name: another tool's file beside the checkpoint must not stop the start."""
+    file = _touch(tmp_path / "mine.bin")
+    (tmp_path / "manifest.json").write_text('{"tool": "something else", "files": [1, 2]}')
+    resolved = _resolve(str(file), tmp_path / "weights", fetch=False)
+    assert (resolved.path, resolved.how, resolved.recorded_sha256) == (file, "configured", None)
+
+
 def test_configured_directory_is_searched(tmp_path: Path) -> None:
     found = _touch(tmp_path / "mounted" / "crossvit_tiny_224.pth")
     resolved = _resolve(str(tmp_path / "mounted"), tmp_path / "weights", fetch=False)
