@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from tests.client.helpers import photo_jpeg, write_photos
-from tests.conftest import LIMITED_API_KEY
+from tests.conftest import LIMITED_API_KEY, until
 
 CLI = Path(sys.executable).with_name("crossvit-classify")  # the [project.scripts] entry point
 
@@ -113,10 +112,10 @@ def test_interrupted_run_resumes_where_it_stopped(limited: str, tmp_path: Path) 
     args = [str(CLI), str(photos[0].parent), "--url", limited, "--out", str(out), "--concurrency", "1",
             "--no-progress"]
     with subprocess.Popen(args, env=_env(CROSSVIT_API_KEY=LIMITED_API_KEY), stderr=subprocess.PIPE, text=True) as first:
-        deadline = time.monotonic() + 120  # it writes only a summary to stderr: the pipe cannot fill
-        while not (out.exists() and out.read_text().count("\n") >= 1):
-            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before any row"
-            time.sleep(0.01)
+        # it writes only a summary to stderr: the pipe cannot fill
+        until(lambda: first.poll() is not None or (out.exists() and out.read_text().count("\n") >= 1), 120,
+              "the first row")
+        assert first.poll() is None, "the first run ended before it could be interrupted"
         first.send_signal(signal.SIGINT)  # Ctrl-C after the first request's rows
         _, stderr = first.communicate(timeout=60)
     assert first.returncode == 130, stderr

@@ -30,7 +30,7 @@ from service.errors import BadRequestError
 from service.formparts import FormImages
 from service.jsonimages import JsonImagesScanner
 from service.settings import Settings
-from tests.conftest import TEST_VARIANT, Reference, start_cli, wait_ready
+from tests.conftest import TEST_VARIANT, Reference, start_cli, until, wait_ready
 
 MiB = 1 << 20
 MAX_UPLOAD = Settings.model_fields["max_upload_bytes"].default
@@ -323,10 +323,13 @@ def test_upload_budget_refuses_with_retry_after_and_frees_on_answer(small: str) 
     finally:
         for holder in holders:
             holder.close()
-    deadline = time.monotonic() + 10
-    while (reply := other()).status == 503 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert reply.status == 422, reply
+    def freed() -> bool:
+        replies.append(other())
+        return replies[-1].status != 503
+
+    replies: list[Reply] = []
+    until(freed, 10, "the holders' budget to be given back")
+    assert replies[-1].status == 422, replies[-1]
 
 
 def test_uvicorn_limit_concurrency_is_applied(small: str) -> None:
@@ -334,16 +337,10 @@ def test_uvicorn_limit_concurrency_is_applied(small: str) -> None:
     request is answered 503 by uvicorn; with one fewer it is served."""
     idle = [connect(small) for _ in range(SMALL_CONCURRENCY - 1)]
     try:
-        deadline = time.monotonic() + 10
         with httpx.Client(base_url=small, timeout=10) as client:
-            while (status := client.get("/healthz").status_code) != 503 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert status == 503
+            until(lambda: client.get("/healthz").status_code == 503, 10, "uvicorn to refuse past the limit")
             idle.pop().close()
-            deadline = time.monotonic() + 10
-            while (status := client.get("/healthz").status_code) != 200 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert status == 200
+            until(lambda: client.get("/healthz").status_code == 200, 10, "uvicorn to serve under the limit")
     finally:
         for sock in idle:
             sock.close()
