@@ -93,6 +93,12 @@ class ImageTooLargeError(PayloadTooLargeError):
     code = "image_too_large"
 
 
+def too_many_images(limit: int) -> PayloadTooLargeError:
+    """The refusal of the image past `limit`, raised by the body readers as soon as it arrives."""
+    return PayloadTooLargeError(f"more than {limit} images in one request; the limit is {limit}",
+                                code="too_many_images")
+
+
 class UnsupportedMediaTypeError(ServiceError):
     status, code = 415, "unsupported_media_type"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from .errors import BadRequestError, PayloadTooLargeError
+from .errors import BadRequestError, too_many_images
 
 __all__ = ["FIELD", "FormImages", "Part"]
 
@@ -100,10 +100,7 @@ class FormImages:
         if b"filename" not in options:
             raise _invalid(f"multipart field '{FIELD}' must be a file part, got a text field")
         if len(self.images) >= self._max_images:
-            raise PayloadTooLargeError(
-                f"more than {self._max_images} images in one request; the limit is {self._max_images}",
-                code="too_many_images",
-            )
+            raise too_many_images(self._max_images)
         self._current = Part(options[b"filename"].decode("utf-8", "replace"))
         self.images.append(self._current)
 

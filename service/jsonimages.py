@@ -14,7 +14,7 @@ import json
 import re
 from enum import Enum, auto
 
-from .errors import BadRequestError, PayloadTooLargeError
+from .errors import BadRequestError, too_many_images
 
 __all__ = ["JsonImagesScanner"]
 
@@ -164,10 +164,7 @@ class JsonImagesScanner:
                     self._state = _State.MEMBER_NEXT
                 elif byte == ord('"'):
                     if len(self._raw) >= self._max_images:
-                        raise PayloadTooLargeError(
-                            f"more than {self._max_images} images in one request; the limit is {self._max_images}",
-                            code="too_many_images",
-                        )
+                        raise too_many_images(self._max_images)
                     self._open_string(_State.ITEM_TEXT)
                 else:
                     raise _invalid(f"{FIELD}.{len(self._raw)}: Input should be a valid string ({self._at()})")
