@@ -76,7 +76,7 @@ class EngineConfig:
     max_image_pixels: int
     preprocess_threads: int
     cpu_budget: int | None  # cores CPU workers share dynamically; None: fixed threads per worker
-    watchdog: WatchdogConfig = WatchdogConfig()  # when a worker counts as hung
+    watchdog: WatchdogConfig  # when a worker counts as hung
 
 
 class DrainRate:

@@ -15,10 +15,10 @@ import re
 from enum import Enum, auto
 
 from .errors import BadRequestError, too_many_images
+from .formparts import FIELD  # the one field name both body shapes use
 
 __all__ = ["JsonImagesScanner"]
 
-FIELD = "images"
 _SPACE = re.compile(rb"[ \t\n\r]*")
 _MAX_KEY_BYTES = 64  # "images" spelt with \u escapes fits; a longer key is not it
 _BOM = b"\xef\xbb\xbf"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.checkpoint import file_sha256
+from model.checkpoint import load_checkpoint
 from model.variants import create_model, get_variant
 
 from .backends import Backend, Built, Probe, build_openvino, build_torch, cache_key
@@ -74,13 +74,13 @@ class Slots:
 
 def build_backend(spec: ReplicaSpec, device: torch.device) -> tuple[Built, dict[str, Any]]:
     """Load the weights and admit the fastest mode of the spec's backend that passes its check."""
-    if spec.weights is not None and (found := file_sha256(spec.weights)) != spec.weights_sha256:
+    model = create_model(spec.variant)
+    if spec.weights is not None and (found := load_checkpoint(model, spec.weights)) != spec.weights_sha256:
         # a restarted worker must not serve a file replaced since start-up under the old sha256
         raise WeightsChangedError(
             f"{Path(spec.weights).name} now hashes to sha256 {found}, not the {spec.weights_sha256} verified at "
             "start-up; refusing to load it (restart the server to serve the new file)"
         )
-    model = create_model(spec.variant, weights=spec.weights)
     probe = Probe.of(model)  # PyTorch fp32 on the CPU: the yardstick of every mode
     if spec.backend == "openvino":
         try:

@@ -94,7 +94,7 @@ class WorkerPool:
         requeue: Callable[[list[Pending]], None],
         on_done: Callable[[int], None],
         cpu_budget: int | None = None,
-        watchdog: WatchdogConfig | None = None,
+        watchdog: WatchdogConfig,
     ) -> None:
         self._ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
         self._workers = [
@@ -111,7 +111,7 @@ class WorkerPool:
         self._cpu_budget = cpu_budget
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._watchdog = watchdog or WatchdogConfig()
+        self._watchdog = watchdog
         self._times: dict[str, InferenceTimes] = {}  # per device: a GPU's batches say nothing of a CPU's
         self._watch_task: asyncio.Task[None] | None = None
 
@@ -261,7 +261,7 @@ class WorkerPool:
         worker.last_heard = time.monotonic()
         if kind == "ready":
             worker.state, worker.info, worker.ready_at, worker.last_error = (
-                WorkerState.READY, message[1], time.monotonic(), None
+                WorkerState.READY, message[1], worker.last_heard, None
             )
             if "warm_up_s" in worker.info:
                 self._times_of(worker).record_warm_up(worker.spec.max_batch_size, worker.info["warm_up_s"])

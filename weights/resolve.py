@@ -12,7 +12,15 @@ from model.variants import get_variant
 
 from .fetch import FetchError
 from .fetch import fetch as fetch_checkpoint
-from .store import ManifestError, WeightsNotFoundError, find_local, read_manifest, recorded_sha256, resolve_path
+from .store import (
+    MANIFEST_NAME,
+    ManifestError,
+    WeightsNotFoundError,
+    find_local,
+    read_manifest,
+    recorded_sha256,
+    resolve_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,5 +119,5 @@ def _recorded_beside(folder: Path, path: Path) -> str | None:
         return recorded_sha256(folder, path)
     except ManifestError as exc:
         logger.warning("manifest beside the configured weights not read; their sha256 is not checked against it",
-                       extra={"manifest": str(folder / "manifest.json"), "reason": str(exc)})
+                       extra={"manifest": str(folder / MANIFEST_NAME), "reason": str(exc)})
         return None

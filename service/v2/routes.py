@@ -20,7 +20,6 @@ from model.variants import get_variant
 from weights.labels import imagenet_labels
 
 from .. import __version__
-from ..bodies import Body
 from ..errors import NotReadyError
 from ..routes import BodyDep, EngineDep, SettingsDep, deadline, require_api_key, until_client_leaves
 from ..settings import Settings
@@ -52,12 +51,6 @@ _BINARY_FORM = (
     "gives the JSON's length. BYTES elements are a 4-byte little-endian length and the bytes; FP32 is "
     f"little-endian. '{PIXELS}' (FP32 [N, 3, S, S], normalised as the model's card says) is sent this way."
 )
-
-
-async def _read(body: Body) -> bytes:
-    """The request body under /v1's bounds (size, upload budget, read timeout): the one place v2 reads
-    a body. The JSON is parsed in a thread by `decode`, off the event loop."""
-    return await body.read()
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -111,14 +104,14 @@ def router(settings: Settings) -> APIRouter:
         request: Request,
         engine: EngineDep,
         settings: SettingsDep,
-        body_stream: BodyDep,
+        body: BodyDep,  # under /v1's bounds: size, upload budget, read timeout
         x_request_timeout_ms: Annotated[
             int | None, Header(ge=1, description="client deadline; never waited past, nor past the server's limit")
         ] = None,
     ) -> Response:
         started = time.monotonic()
-        body = await _read(body_stream)
-        decoded = await asyncio.to_thread(decode, body, request.headers.get(HEADER_LENGTH), limits)
+        data = await body.read()
+        decoded = await asyncio.to_thread(decode, data, request.headers.get(HEADER_LENGTH), limits)  # off the loop
         request.state.images = decoded.count
         answer_by = deadline(started, settings, x_request_timeout_ms)
         top_k, branches = decoded.top_k, decoded.branches
