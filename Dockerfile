@@ -13,7 +13,9 @@
 #   TORCH_INDEX_URL  where the cpu target takes torch from; empty: PyPI's torch as serve.txt locks it, CUDA
 #                    libraries included (about 5 GB more), for builders that cannot reach PyTorch's index
 #   BAKE_WEIGHTS, WEIGHTS_SOURCE   fetch and verify a checkpoint into the image's /weights at build time
-# Every install is a lock file, hash-checked, then the project itself with --no-deps; `make lock` writes them.
+# Every install is a lock file through requirements/install.py (the pinned pip first, then every pin
+# hash-checked with --no-deps: nothing resolved, whatever the index holds on the day; then pip check), then
+# the project itself with --no-deps; `make lock` writes the locks.
 #
 # Optional build secrets, for builders whose pip needs its own settings (a mirror, find-links, a proxy's CA);
 # mounted only while installing, stored in no layer (deploy/image_test.py passes this machine's):
@@ -35,7 +37,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 RUN python3 -m venv /opt/venv
 WORKDIR /src
-COPY requirements/*.txt ./requirements/
+COPY requirements/*.txt requirements/install.py ./requirements/
 
 # The project's own files, apart: editing them rebuilds no dependency layer.
 FROM scratch AS source
@@ -49,7 +51,7 @@ FROM build AS venv-cuda
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi; \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
-    /opt/venv/bin/python -m pip install -q --require-hashes -r requirements/serve.txt
+    /opt/venv/bin/python requirements/install.py requirements/serve.txt
 COPY --from=source /src /src
 RUN /opt/venv/bin/python -m pip install -q --no-deps --no-build-isolation . \
  && /opt/venv/bin/python -m pip check
@@ -60,10 +62,11 @@ RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi; \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
     if [ -n "$TORCH_INDEX_URL" ]; then \
-      /opt/venv/bin/python -m pip install -q --no-deps --index-url "$TORCH_INDEX_URL" -r requirements/torch.txt \
-      && /opt/venv/bin/python -m pip install -q --require-hashes -r requirements/serve-cpu.txt; \
+      /opt/venv/bin/python requirements/install.py \
+      && /opt/venv/bin/python -m pip install -q --no-deps --index-url "$TORCH_INDEX_URL" -r requirements/torch.txt \
+      && /opt/venv/bin/python requirements/install.py requirements/serve-cpu.txt; \
     else \
-      /opt/venv/bin/python -m pip install -q --require-hashes -r requirements/serve.txt; \
+      /opt/venv/bin/python requirements/install.py requirements/serve.txt; \
     fi
 COPY --from=source /src /src
 RUN /opt/venv/bin/python -m pip install -q --no-deps --no-build-isolation . \

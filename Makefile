@@ -13,11 +13,12 @@ UV := $(LOCK_TOOL)/bin/uv
 
 setup: $(STAMP)
 
-# Exactly the lock (hash-checked), then the project itself without resolving anything more.
-$(STAMP): pyproject.toml requirements/dev.txt
+# Exactly the lock (the pinned pip, then every pin hash-checked with nothing resolved: requirements/install.py),
+# then the project itself without resolving anything more.
+$(STAMP): pyproject.toml requirements/dev.txt requirements/pip.txt requirements/install.py
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is required"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) --require-hashes -r requirements/dev.txt
+	$(PY) requirements/install.py requirements/dev.txt
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -32,7 +33,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check model service weights client tests bench requirements deploy
-	$(VENV)/bin/mypy model service weights client deploy/image_test.py requirements/lock.py
+	$(VENV)/bin/mypy model service weights client deploy/image_test.py requirements/lock.py requirements/install.py
 
 # Regenerate requirements/*.txt from pyproject.toml (after editing dependencies, or after a merge).
 lock: $(UV)

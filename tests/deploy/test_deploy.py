@@ -580,33 +580,37 @@ def _lock_file(words: list[str]) -> str:
     return words[words.index("-r") + 1]
 
 
+def _lock_installs(stage: Stage) -> list[list[str]]:
+    """The arguments of each `requirements/install.py` the stage runs."""
+    return [c[2:] for c in _run_commands(stage) if c[:2] == ["/opt/venv/bin/python", "requirements/install.py"]]
+
+
 def test_images_install_exactly_the_lock() -> None:
-    """Every dependency comes from a lock file, hash-checked; what is not hashed is torch alone, pinned."""
+    """Every dependency comes from a lock file through install.py (pinned pip, hash-checked, nothing resolved,
+    pip check); what is not hashed is torch alone, pinned and installed with --no-deps."""
     args, stages = _dockerfile()
     cuda, cpu = _pip_installs(stages["venv-cuda"]), _pip_installs(stages["venv-cpu"])
     # cuda: serve.txt as locked (PyPI's CUDA torch), then the project without resolving anything
-    assert cuda[0] == ["-q", "--require-hashes", "-r", "requirements/serve.txt"]
-    # cpu: torch from TORCH_INDEX_URL at the locked version, the rest hash-checked; or serve.txt when it is empty
+    assert _lock_installs(stages["venv-cuda"]) == [["requirements/serve.txt"]]
+    # cpu: the pinned pip, torch from TORCH_INDEX_URL at the locked version, the rest; or serve.txt when it is empty
+    assert _lock_installs(stages["venv-cpu"]) == [[], ["requirements/serve-cpu.txt"], ["requirements/serve.txt"]]
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
-    torch = [c for c in cpu if "--index-url" in c]
-    assert torch == [["-q", "--no-deps", "--index-url", "$TORCH_INDEX_URL", "-r", "requirements/torch.txt"]]
-    assert [_lock_file(c) for c in cpu if "--require-hashes" in c] == ["requirements/serve-cpu.txt",
-                                                                        "requirements/serve.txt"]
+    assert [c for c in cpu if "-r" in c] == [
+        ["-q", "--no-deps", "--index-url", "$TORCH_INDEX_URL", "-r", "requirements/torch.txt"]
+    ]
     for installs in (cuda, cpu):
         project = [c for c in installs if "-r" not in c]
         assert project == [["-q", "--no-deps", "--no-build-isolation", "."]]
-        for words in installs:
-            assert "--require-hashes" in words or "--no-deps" in words, words  # nothing resolved freely
-            if "-r" in words:
-                assert (REPO / _lock_file(words)).is_file()
+        assert all("--no-deps" in words for words in installs)  # nothing resolved freely
     for name in ("venv-cuda", "venv-cpu"):
         assert ["/opt/venv/bin/python", "-m", "pip", "check"] in _run_commands(stages[name]), name
+    assert any("requirements/install.py" in copy.split() for copy in stages["build"].all("COPY"))
 
 
 def test_make_setup_installs_the_dev_lock_the_same_way() -> None:
     recipe = [shlex.split(line.strip()) for line in (REPO / "Makefile").read_text().splitlines()
-              if line.strip().startswith("$(PIP)")]
-    assert recipe == [["$(PIP)", "--require-hashes", "-r", "requirements/dev.txt"],
+              if line.strip().startswith(("$(PIP)", "$(PY) requirements/install.py"))]
+    assert recipe == [["$(PY)", "requirements/install.py", "requirements/dev.txt"],
                       ["$(PIP)", "--no-deps", "--no-build-isolation", "-e", "."]]
 
 
