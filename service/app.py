@@ -56,6 +56,7 @@ def engine_config(settings: Settings, variant: Variant, weights: LoadedWeights) 
             threads=p.threads, thread_options=options, max_batch_size=settings.max_batch_size,
             cache_dir=str(model_cache_dir(settings)) if choice.name == "openvino" else None,
             log_level=settings.log_level, log_format=settings.log_format,
+            abort_modes=tuple(settings.test_abort_modes),
         )
         replicas.append((spec, choice))
     threads = settings.preprocess_threads

@@ -197,6 +197,7 @@ class Engine:
         workers = self._pool.describe()
         return {
             "workers": workers,
+            "skipped_modes": self._pool.skipped_modes(),
             "devices": sorted({w["device"] for w in workers}),
             "batching": {
                 "max_batch_size": self._config.max_batch_size,

@@ -3,12 +3,15 @@
 The parent writes a batch's branch-0 inputs into one of this worker's slots and sends
 ("run", batch_id, slot, n, threads); the replica writes both branches' logits into the same slot
 and answers ("done", batch_id, slot, seconds). Only these small tuples cross the pipe. An idle
-worker answers the parent's ("ping",) with ("pong",): the watchdog's sign of life.
+worker answers the parent's ("ping",) with ("pong",): the watchdog's sign of life. While starting,
+it says ("trying", "openvino/bf16") before each compute mode it compiles and checks: a worker that
+dies then (a native crash no guard can catch) has named the mode the parent skips from then on.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -22,7 +25,7 @@ from torch import Tensor
 from model.checkpoint import load_checkpoint
 from model.variants import create_model, get_variant
 
-from .backends import Backend, Built, Probe, build_openvino, build_torch, cache_key
+from .backends import Backend, Built, ModeGate, Probe, build_openvino, build_torch, cache_key
 
 __all__ = ["ReplicaSpec", "Slots", "WeightsChangedError", "build_backend", "main"]
 
@@ -51,6 +54,30 @@ class ReplicaSpec:
     cache_dir: str | None = None  # converted models; None: convert at every start
     log_level: str = "info"
     log_format: str = "text"
+    skip_modes: tuple[str, ...] = ()  # modes ("openvino/bf16") that killed a worker while it started them
+    abort_modes: tuple[str, ...] = ()  # test only: os.abort() on trying these (CROSSVIT_TEST_ABORT_MODES)
+
+
+class PipeGate:
+    """The worker's ModeGate: skips the spec's crashed modes and tells the parent each mode it tries."""
+
+    def __init__(self, spec: ReplicaSpec, conn: Connection | None) -> None:
+        self._spec, self._conn = spec, conn
+
+    def allowed(self, key: str) -> bool:
+        if key in self._spec.skip_modes:
+            logger.warning("skipping a mode that crashed a worker while starting",
+                           extra={"worker": self._spec.worker_id, "mode": key})
+            return False
+        return True
+
+    def trying(self, key: str) -> None:
+        if self._conn is not None:
+            self._conn.send(("trying", key))
+        if key in self._spec.abort_modes:
+            logger.warning("test fault: aborting while trying a mode", extra={"worker": self._spec.worker_id,
+                                                                           "mode": key})
+            os.abort()
 
 
 @dataclass
@@ -72,8 +99,10 @@ class Slots:
         return int(self.x.shape[0])
 
 
-def build_backend(spec: ReplicaSpec, device: torch.device) -> tuple[Built, dict[str, Any]]:
-    """Load the weights and admit the fastest mode of the spec's backend that passes its check."""
+def build_backend(
+    spec: ReplicaSpec, device: torch.device, gate: ModeGate | None = None
+) -> tuple[Built, dict[str, Any]]:
+    """Load the weights and admit the fastest mode of the spec's backend that passes its check (and the gate)."""
     model = create_model(spec.variant)
     if spec.weights is not None and (found := load_checkpoint(model, spec.weights)) != spec.weights_sha256:
         # a restarted worker must not serve a file replaced since start-up under the old sha256
@@ -87,22 +116,22 @@ def build_backend(spec: ReplicaSpec, device: torch.device) -> tuple[Built, dict[
             return build_openvino(
                 model, key=cache_key(get_variant(spec.variant).name, spec.weights_sha256),
                 cache_dir=None if spec.cache_dir is None else Path(spec.cache_dir),
-                precision=spec.precision, threads=spec.thread_options, probe=probe,
+                precision=spec.precision, threads=spec.thread_options, probe=probe, gate=gate,
             )
         except Exception as exc:
             if not spec.backend_fallback:
                 raise
             logger.warning("OpenVINO backend failed to start; falling back to PyTorch",
                            extra={"worker": spec.worker_id, "error": f"{type(exc).__name__}: {exc}"})
-    return build_torch(model, spec.precision, device, probe), {}
+    return build_torch(model, spec.precision, device, probe, gate), {}
 
 
-def _build(spec: ReplicaSpec, slots: Slots) -> tuple[Backend, dict[str, Any]]:
+def _build(spec: ReplicaSpec, slots: Slots, gate: ModeGate) -> tuple[Backend, dict[str, Any]]:
     started = time.perf_counter()
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    built, details = build_backend(spec, device)
+    built, details = build_backend(spec, device, gate)
     backend = built.backend
     for mode, agreement in built.rejected:
         logger.warning(
@@ -174,7 +203,7 @@ def main(spec: ReplicaSpec, conn: Connection, slots: Slots) -> None:
     except RuntimeError:
         pass  # already set by an earlier torch call in this process
     try:
-        backend, info = _build(spec, slots)
+        backend, info = _build(spec, slots, PipeGate(spec, conn))
     except Exception as exc:  # reported to the parent, which restarts with backoff
         logger.exception("worker failed to start", extra={"worker": spec.worker_id})
         conn.send(("fatal", f"{type(exc).__name__}: {exc}"))

@@ -199,6 +199,7 @@ async def models(request: Request, engine: EngineDep) -> dict[str, Any]:
         "precision": ready_modes,
         "worker_count": len(serving["workers"]),
         "workers": serving["workers"],
+        "skipped_modes": serving["skipped_modes"],
         "batching": serving["batching"],
     }
 

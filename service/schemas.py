@@ -114,5 +114,10 @@ class ModelCard(BaseModel):
     precision: list[str] = Field(description="the compute mode of each ready worker")
     worker_count: int
     workers: list[dict[str, Any]]
+    skipped_modes: list[dict[str, str]] = Field(
+        default_factory=list,
+        description="compute modes (e.g. openvino/bf16) that killed a worker while it started them, with the reason: "
+                    "every later start skips them",
+    )
     batching: dict[str, Any]
     limits: dict[str, Any]

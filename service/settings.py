@@ -14,6 +14,7 @@ __all__ = ["ENV_PREFIX", "Settings", "describe_validation_error", "env_name"]
 ENV_PREFIX = "CROSSVIT_"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_MODE = re.compile(r"^(openvino|torch)/[a-z0-9-]+$")
 
 
 class Settings(BaseSettings):
@@ -73,6 +74,13 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["json", "text"] = "text"
 
+    # fault injection, for tests only
+    test_abort_modes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="test only, comma-separated: a worker calls os.abort() when it starts one of these modes "
+                    "(e.g. openvino/bf16), to prove that start-up survives a mode that crashes",
+    )
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
@@ -96,6 +104,21 @@ class Settings(BaseSettings):
             if not keys:
                 raise ValueError("is set but holds no key; unset it to run without authentication")
             return keys
+        return value
+
+    @field_validator("test_abort_modes", mode="before")
+    @classmethod
+    def _split_modes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [mode.strip() for mode in value.split(",") if mode.strip()]
+        return value
+
+    @field_validator("test_abort_modes")
+    @classmethod
+    def _mode_names(cls, value: list[str]) -> list[str]:
+        for mode in value:
+            if not _MODE.match(mode):
+                raise ValueError(f"{mode!r} is not a mode name like openvino/bf16 or torch/fp32")
         return value
 
     @field_validator("model")

@@ -5,11 +5,15 @@ sentinel on the event loop; images it held are retried once elsewhere or failed 
 retryable 503, and it is restarted with exponential backoff. A worker that hangs instead (a
 batch running far past its measured time, or an idle worker not answering a ping) is marked
 hung by the watchdog and killed, which takes the same path. Readiness reads `ready_count`.
+A worker that dies while starting a compute mode (it said ("trying", mode) and never got ready)
+was killed by that mode, not by bad luck: every later start, of any worker, skips it (bf16, then
+fp32 OpenVINO, then PyTorch), so a crash that depends on the CPU cannot keep the service unready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import itertools
 import logging
@@ -80,6 +84,7 @@ class _Worker:
     busy_since: float | None = None  # when its oldest in-flight batch started computing
     last_heard: float = 0.0  # its last message
     ping_sent_at: float | None = None  # an unanswered ping to the idle worker
+    trying: str | None = None  # the compute mode it is starting ("openvino/bf16"), until ready or fatal
 
 
 class WorkerPool:
@@ -114,6 +119,7 @@ class WorkerPool:
         self._watchdog = watchdog
         self._times: dict[str, InferenceTimes] = {}  # per device: a GPU's batches say nothing of a CPU's
         self._watch_task: asyncio.Task[None] | None = None
+        self._crashed_modes: dict[str, str] = {}  # mode -> how it killed a starting worker; skipped from then on
 
     # -- what the batcher and readiness read -------------------------------------------------
     @property
@@ -137,6 +143,10 @@ class WorkerPool:
         """Worker id -> pid of its live process: for supervision tooling and tests, never served."""
         return {w.spec.worker_id: w.process.pid for w in self._workers
                 if w.process is not None and w.process.pid is not None and w.conn is not None}
+
+    def skipped_modes(self) -> list[dict[str, str]]:
+        """Modes that killed a worker while it started them, skipped by every later start."""
+        return [{"mode": mode, "reason": reason} for mode, reason in self._crashed_modes.items()]
 
     def describe(self) -> list[dict[str, Any]]:
         return [
@@ -189,6 +199,9 @@ class WorkerPool:
 
     def _spawn(self, worker: _Worker) -> None:
         assert self._loop is not None
+        if tuple(self._crashed_modes) != worker.spec.skip_modes:
+            worker.spec = dataclasses.replace(worker.spec, skip_modes=tuple(self._crashed_modes))
+        worker.trying = None
         parent_conn, child_conn = self._ctx.Pipe()
         process = self._ctx.Process(
             target=replica.main,
@@ -260,13 +273,15 @@ class WorkerPool:
         kind = message[0]
         worker.last_heard = time.monotonic()
         if kind == "ready":
-            worker.state, worker.info, worker.ready_at, worker.last_error = (
-                WorkerState.READY, message[1], worker.last_heard, None
+            worker.state, worker.info, worker.ready_at, worker.last_error, worker.trying = (
+                WorkerState.READY, message[1], worker.last_heard, None, None
             )
             if "warm_up_s" in worker.info:
                 self._times_of(worker).record_warm_up(worker.spec.max_batch_size, worker.info["warm_up_s"])
         elif kind == "pong":
             worker.ping_sent_at = None
+        elif kind == "trying":
+            worker.trying = message[1]
         elif kind == "done":
             _, batch_id, slot, seconds = message
             batch = self._finished(worker, batch_id, slot)
@@ -286,7 +301,7 @@ class WorkerPool:
             logger.error("batch failed on a worker", extra={"worker": worker.spec.worker_id, "reason": reason})
             self._fail(batch.items, f"inference failed: {reason}")
         elif kind == "fatal":
-            worker.last_error = message[1]
+            worker.last_error, worker.trying = message[1], None  # an error it reported, not a mode's crash
         self._wake()
 
     def _finished(self, worker: _Worker, batch_id: int, slot: int) -> _Batch:
@@ -327,6 +342,8 @@ class WorkerPool:
         worker.free_slots = []
         if worker.last_error is None:
             worker.last_error = f"exited with code {exitcode}"
+        if worker.trying is not None and not was_ready:
+            self._skip_crashed_mode(worker, worker.trying, exitcode)
         if worker.ready_at is not None and time.monotonic() - worker.ready_at > STABLE_AFTER_S:
             worker.crashes_in_row = 0
         worker.crashes_in_row += 1
@@ -341,6 +358,14 @@ class WorkerPool:
         assert self._loop is not None
         worker.restart = self._loop.call_later(delay, self._restart, worker)
         self._wake()
+
+    def _skip_crashed_mode(self, worker: _Worker, mode: str, exitcode: int | None) -> None:
+        reason = f"worker {worker.spec.worker_id} died (exit code {exitcode}) while starting this mode"
+        self._crashed_modes.setdefault(mode, reason)
+        worker.last_error = f"{mode} crashed the worker while starting (exit code {exitcode}); skipped from now on"
+        logger.error("a compute mode crashed a worker while it started; every later start skips it",
+                     extra={"worker": worker.spec.worker_id, "mode": mode, "exitcode": exitcode,
+                            "skipped_modes": ",".join(self._crashed_modes)})
 
     def _restart(self, worker: _Worker) -> None:
         if self._stopping:

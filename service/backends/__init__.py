@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import EXACT_COSINE, EXACT_REL_ERR, GUARD_COSINE, Agreement, Backend, Built, Probe
+from .base import (
+    EXACT_COSINE,
+    EXACT_REL_ERR,
+    GUARD_COSINE,
+    Agreement,
+    Backend,
+    Built,
+    ModeGate,
+    OpenGate,
+    Probe,
+    mode_key,
+)
 from .openvino_runtime import available as openvino_available
 from .openvino_runtime import build_openvino, cache_key
 from .pytorch_runtime import build_torch
@@ -22,10 +33,13 @@ __all__ = [
     "Backend",
     "BackendChoice",
     "Built",
+    "ModeGate",
+    "OpenGate",
     "Probe",
     "build_openvino",
     "build_torch",
     "cache_key",
+    "mode_key",
     "resolve_backend",
 ]
 

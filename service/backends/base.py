@@ -22,7 +22,10 @@ __all__ = [
     "Agreement",
     "Backend",
     "Built",
+    "ModeGate",
+    "OpenGate",
     "Probe",
+    "mode_key",
 ]
 
 GUARD_COSINE = 0.9999  # worst per-image logit cosine to fp32 a reduced precision must keep
@@ -54,6 +57,31 @@ class Backend(Protocol):
     def warm_up(self, x: Tensor) -> None:
         """Run every batch size of `x` (1..len(x)) at every thread count the parent may ask for."""
         ...
+
+
+def mode_key(backend: str, mode: str) -> str:
+    """How a compute mode is named across processes, logs and /v1/models: "openvino/bf16", "torch/fp32"."""
+    return f"{backend}/{mode}"
+
+
+class ModeGate(Protocol):
+    """What a backend asks before it compiles or runs a mode: a mode that once killed a worker while
+    starting (a native crash in its kernels, on some CPU) is skipped, and the parent is told which
+    mode is being tried, so that a death names its cause."""
+
+    def allowed(self, key: str) -> bool: ...
+
+    def trying(self, key: str) -> None: ...
+
+
+class OpenGate:
+    """Every mode allowed, nobody told: one-process use (`--prepare-only`, tests, benchmarks)."""
+
+    def allowed(self, key: str) -> bool:
+        return True
+
+    def trying(self, key: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)

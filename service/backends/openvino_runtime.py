@@ -35,7 +35,7 @@ from torch.jit import TracerWarning  # type: ignore[attr-defined]
 
 from model import CrossViT
 
-from .base import Agreement, Built, Probe
+from .base import Agreement, Built, ModeGate, OpenGate, Probe, mode_key
 
 __all__ = [
     "OpenVINOBackend",
@@ -206,12 +206,20 @@ class OpenVINOBackend:
 
 
 def build_openvino(
-    model: CrossViT, *, key: str, cache_dir: Path | None, precision: str, threads: Sequence[int], probe: Probe
+    model: CrossViT, *, key: str, cache_dir: Path | None, precision: str, threads: Sequence[int], probe: Probe,
+    gate: ModeGate | None = None,
 ) -> tuple[Built, dict[str, Any]]:
-    """Convert (or load) and compile the fastest mode that is exact (fp32) or passes the guard (bf16).
+    """Convert (or load) and compile the fastest mode that is exact (fp32) or passes the guard (bf16),
+    of those the gate allows.
 
-    Raises RuntimeError when even fp32 is not exact: the caller falls back to PyTorch.
+    Raises RuntimeError when even fp32 is not exact, or the gate allows no mode: the caller falls back to PyTorch.
     """
+    gate = gate or OpenGate()
+    modes = modes_for(precision)
+    allowed = [mode for mode in modes if gate.allowed(mode_key("openvino", mode))]
+    if not allowed:
+        raise RuntimeError(f"every OpenVINO mode of precision {precision} crashed a worker while starting: "
+                           + ", ".join(modes))
     ov = _openvino()
     started = time.perf_counter()
     converted, source = convert_cached(model, key, cache_dir)
@@ -220,9 +228,9 @@ def build_openvino(
     if cache_dir is not None:
         with contextlib.suppress(Exception):  # compiled-blob cache: an optimisation only
             core.set_property({"CACHE_DIR": str(cache_dir / "compiled")})
-    modes = modes_for(precision)
     rejected: list[tuple[str, Agreement]] = []
-    for mode in modes:
+    for mode in allowed:
+        gate.trying(mode_key("openvino", mode))  # from compiling to the end of warm-up: a death names this mode
         backend = OpenVINOBackend(core, converted, model.head, mode, threads)
         agreement = probe.compare(backend(probe.x, max(threads)))
         if agreement.is_exact() or (mode != "fp32" and agreement.passes_guard()):

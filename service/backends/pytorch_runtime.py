@@ -10,7 +10,7 @@ from torch import Tensor
 from model import CrossViT
 from model.runtime import Mode, Runner, bf16_is_fast, prepare
 
-from .base import Agreement, Built, Probe
+from .base import Agreement, Built, ModeGate, OpenGate, Probe, mode_key
 
 __all__ = ["TorchBackend", "build_torch", "choose_mode"]
 
@@ -55,16 +55,24 @@ class TorchBackend:
             torch.cuda.synchronize(self.runner.device)
 
 
-def build_torch(model: CrossViT, precision: str, device: torch.device, probe: Probe) -> Built:
-    """The requested (or automatic) mode if it passes the accuracy guard, else fp32 (autocast keeps
-    fp32 weights, so falling back costs nothing)."""
+def build_torch(
+    model: CrossViT, precision: str, device: torch.device, probe: Probe, gate: ModeGate | None = None
+) -> Built:
+    """The requested (or automatic) mode if it passes the accuracy guard (and the gate allows it), else
+    fp32 (autocast keeps fp32 weights, so falling back costs nothing)."""
+    gate = gate or OpenGate()
     requested = choose_mode(precision, device)
-    runner = prepare(model, requested, device)
+    first = requested if gate.allowed(mode_key("torch", requested.value)) else Mode.FP32
+    if not gate.allowed(mode_key("torch", Mode.FP32.value)) and first is Mode.FP32:
+        raise RuntimeError("PyTorch fp32, the last mode there is, crashed a worker while starting")
+    gate.trying(mode_key("torch", first.value))
+    runner = prepare(model, first, device)
     backend = TorchBackend(runner, Agreement(1.0, 0.0))
     backend.agreement = probe.compare(backend(probe.x, torch.get_num_threads()))
     rejected: list[tuple[str, Agreement]] = []
-    if requested is not Mode.FP32 and not backend.agreement.passes_guard():
-        rejected.append((requested.value, backend.agreement))
+    if first is not Mode.FP32 and not backend.agreement.passes_guard():
+        rejected.append((first.value, backend.agreement))
+        gate.trying(mode_key("torch", Mode.FP32.value))
         runner.mode = Mode.FP32
         backend.agreement = probe.compare(backend(probe.x, torch.get_num_threads()))
     return Built(backend, requested.value, rejected)
