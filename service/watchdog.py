@@ -23,6 +23,7 @@ MIN_SAMPLES = 16  # fewer measured batches than this: the warm-up time still cou
 class WatchdogConfig:
     floor_s: float = 5.0  # the least a batch may run, and how long an idle worker has to answer a ping
     multiplier: float = 10.0  # times the expected (p99) batch time
+    start_timeout_s: float = 120.0  # a start (load, convert, compile, guard, warm-up) may take this long
 
     @property
     def scan_interval_s(self) -> float:

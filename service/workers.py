@@ -40,7 +40,10 @@ logger = logging.getLogger(__name__)
 SLOTS_PER_WORKER = 2  # one batch computing while the next is already staged
 MAX_ATTEMPTS = 2  # a crash allows one retry on another worker
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 30.0
-STABLE_AFTER_S = 60.0  # a worker up this long resets the backoff
+STABLE_AFTER_S = 60.0  # a worker up this long counts as a successful start: the backoff starts over
+# Work waits for a worker that was ready and is restarting for its backoff plus this many times its
+# last start (at least RESTART_GRACE_MIN_S); past that, classify answers 503 not_ready at once.
+RESTART_GRACE_FACTOR, RESTART_GRACE_MIN_S = 2.0, 5.0
 
 
 def shared_threads(threads: int, cpu_budget: int | None, busy: int) -> int:
@@ -77,8 +80,12 @@ class _Worker:
     in_flight: dict[int, _Batch] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     restarts: int = 0
-    crashes_in_row: int = 0
-    ready_at: float | None = None
+    crashes_in_row: int = 0  # deaths since its last successful start (up STABLE_AFTER_S): the backoff's exponent
+    ready_at: float | None = None  # when it was last ready (kept across deaths: it has served before)
+    spawned_at: float = 0.0
+    up_since: float | None = None  # ready and alive since; None while starting or dead
+    last_start_s: float | None = None  # how long its last successful start took
+    back_by: float | None = None  # while restarting: when it should be ready again, by its last start
     last_error: str | None = None
     restart: asyncio.TimerHandle | None = None
     busy_since: float | None = None  # when its oldest in-flight batch started computing
@@ -127,9 +134,12 @@ class WorkerPool:
         return sum(w.state is WorkerState.READY for w in self._workers)
 
     def serving_soon(self) -> bool:
-        """A worker is ready, or one that was ready is being restarted: work queued now will run."""
+        """A worker is ready, or one that was ready is restarting and not yet later than its last start
+        predicts: work queued now will run. A restart that overruns (hung, crashing again) does not count."""
+        now = time.monotonic()
         return any(
-            w.state is WorkerState.READY or (w.ready_at is not None and w.state is not WorkerState.STOPPED)
+            w.state is WorkerState.READY
+            or (w.state in (WorkerState.STARTING, WorkerState.DEAD) and w.back_by is not None and now < w.back_by)
             for w in self._workers
         )
 
@@ -212,7 +222,7 @@ class WorkerPool:
         process.start()
         child_conn.close()
         worker.process, worker.conn = process, parent_conn
-        worker.state = WorkerState.STARTING
+        worker.state, worker.spawned_at = WorkerState.STARTING, time.monotonic()
         worker.free_slots = list(range(worker.slots.count))
         worker.in_flight = {}
         worker.busy_since = worker.ping_sent_at = None
@@ -276,6 +286,8 @@ class WorkerPool:
             worker.state, worker.info, worker.ready_at, worker.last_error, worker.trying = (
                 WorkerState.READY, message[1], worker.last_heard, None, None
             )
+            worker.up_since, worker.back_by = worker.last_heard, None
+            worker.last_start_s = worker.last_heard - worker.spawned_at
             if "warm_up_s" in worker.info:
                 self._times_of(worker).record_warm_up(worker.spec.max_batch_size, worker.info["warm_up_s"])
         elif kind == "pong":
@@ -325,7 +337,8 @@ class WorkerPool:
         worker.process.join(timeout=1)
         exitcode = worker.process.exitcode
         self._detach(worker)
-        was_ready = worker.state in (WorkerState.READY, WorkerState.HUNG)
+        now = time.monotonic()
+        was_ready, up_since, worker.up_since = worker.up_since is not None, worker.up_since, None
         worker.state = WorkerState.STOPPED if self._stopping else WorkerState.DEAD
         if self._stopping:
             return
@@ -344,10 +357,12 @@ class WorkerPool:
             worker.last_error = f"exited with code {exitcode}"
         if worker.trying is not None and not was_ready:
             self._skip_crashed_mode(worker, worker.trying, exitcode)
-        if worker.ready_at is not None and time.monotonic() - worker.ready_at > STABLE_AFTER_S:
-            worker.crashes_in_row = 0
+        if up_since is not None and now - up_since > STABLE_AFTER_S:
+            worker.crashes_in_row = 0  # it had started successfully: this is a first failure again
         worker.crashes_in_row += 1
         delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (worker.crashes_in_row - 1))
+        if was_ready and worker.last_start_s is not None:  # work may wait for this restart, this long
+            worker.back_by = now + delay + max(RESTART_GRACE_MIN_S, RESTART_GRACE_FACTOR * worker.last_start_s)
         logger.warning(
             "worker died; restarting",
             extra={"worker": worker.spec.worker_id, "exitcode": exitcode, "was_ready": was_ready,
@@ -386,9 +401,14 @@ class WorkerPool:
                     logger.exception("watchdog check failed", extra={"worker": worker.spec.worker_id})
 
     def _check(self, worker: _Worker) -> None:
-        if worker.state is not WorkerState.READY or worker.conn is None:
-            return  # a starting worker loads its model: not a batch, no limit
         now = time.monotonic()
+        if worker.state is WorkerState.STARTING and worker.conn is not None:
+            started = now - worker.spawned_at
+            if started > self._watchdog.start_timeout_s:
+                self._kill_hung(worker, f"its start ran {started:.1f} s (limit {self._watchdog.start_timeout_s:g} s)")
+            return
+        if worker.state is not WorkerState.READY or worker.conn is None:
+            return
         if not worker.in_flight and worker.ping_sent_at is None and now - worker.last_heard > self._watchdog.floor_s:
             worker.ping_sent_at = now  # idle and silent for a while: is it still there?
             try:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +25,7 @@ import pytest
 import torch
 
 from model.variants import create_model
+from service import workers
 from service.backends import GUARD_COSINE, Probe, build_torch
 from service.watchdog import InferenceTimes, WatchdogConfig
 from service.workers import shared_threads
@@ -173,6 +176,61 @@ def test_consecutive_crashes_space_the_restarts_by_a_growing_delay(
     for gap, delay in zip(gaps, [0.5, 1.0, 2.0, 4.0], strict=True):
         assert delay <= gap < delay + 2.0, gaps
     measured.warning(f"restart gaps after consecutive crashes: {[round(g, 2) for g in gaps]} s")
+
+
+def test_a_crash_loop_long_after_the_last_ready_still_backs_off(
+    reference: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker up past STABLE_AFTER_S, whose every later start fails (its weights file replaced): the delay
+    doubles from one failed start to the next, instead of starting over from the old ready time each death."""
+    monkeypatch.setattr(workers, "STABLE_AFTER_S", 1.0)  # "long ago" without waiting a minute
+    weights = tmp_path / reference.checkpoint.name
+    shutil.copy(reference.checkpoint, weights)
+    with _server(reference, workers=1, weights=str(weights)) as url, \
+            caplog.at_level(logging.INFO, logger="service.workers"):
+        engine = engine_of(url)
+        threading.Event().wait(1.5)  # a successful start, up longer than STABLE_AFTER_S
+        weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # every restart refuses the new file
+        os.kill(engine.worker_pids()[0], signal.SIGKILL)
+        died = lambda: [r for r in caplog.records if r.getMessage() == "worker died; restarting"]  # noqa: E731
+        until(lambda: len(died()) >= 4, 90, "four deaths")
+        worker = engine.describe()["workers"][0]
+    assert [getattr(r, "restart_in_s", None) for r in died()[:4]] == [0.5, 1.0, 2.0, 4.0]
+    assert "hashes to sha256" in (worker["last_error"] or ""), worker
+
+
+def test_a_hung_restart_is_killed_and_classify_is_refused_at_once_meanwhile(
+    reference: Reference, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The replacement of a killed worker stops while starting: past what its last start predicts, classify
+    answers 503 not_ready at once (not after its whole deadline), and the start watchdog kills it."""
+    start_timeout_s = 10.0
+    with _server(reference, workers=1, worker_start_timeout_s=start_timeout_s, request_timeout_s=30) as url, \
+            caplog.at_level(logging.INFO, logger="service.workers"):
+        engine = engine_of(url)
+        first = engine.worker_pids()[0]
+        os.kill(first, signal.SIGKILL)
+        until(lambda: engine.worker_pids().get(0) not in (None, first), 30, "the replacement")
+        replacement = engine.worker_pids()[0]
+        os.kill(replacement, signal.SIGSTOP)
+        killed_at = time.monotonic()
+        assert engine.describe()["workers"][0]["state"] == "starting"
+        # within what the last start predicts, work waits for the restart; past it, refused at once
+        until(lambda: classify(url, **{"X-Request-Timeout-Ms": "300"}).status_code == 503, 30, "not_ready")
+        begun = time.monotonic()
+        response = classify(url)
+        refused_in_s = time.monotonic() - begun
+        assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready", response.text
+        assert int(response.headers["Retry-After"]) >= 1
+        wait_ready(url, 60)
+        back_after_s = time.monotonic() - killed_at
+        assert replacement not in engine.worker_pids().values()
+        assert classify(url).status_code == 200
+    reasons = [str(getattr(r, "reason", "")) for r in caplog.records if r.getMessage() == "worker hung; killing it"]
+    assert any(r.startswith("its start ran") for r in reasons), reasons
+    assert refused_in_s < 1.0, refused_in_s
+    assert start_timeout_s < back_after_s < start_timeout_s + 30, back_after_s
+    measured.warning(f"hung start: refused in {refused_in_s * 1000:.0f} ms, ready again after {back_after_s:.1f} s")
 
 
 # -- start-up, deadlines, Retry-After ----------------------------------------------------------
