@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
-from .bodies import Body, UploadBudget, bounded_body
+from .bodies import Body, BodyTimeouts, UploadBudget, bounded_body
 from .engine import Engine
 from .errors import InvalidParameterError, UnauthorizedError, error_body
 from .inputs import MULTIPART_FIELD, RAW_IMAGE_TYPES, read_images
@@ -57,10 +57,11 @@ EngineDep = Annotated[Engine, Depends(_engine)]
 async def _body(request: Request, engine: EngineDep, settings: SettingsDep) -> AsyncIterator[Body]:
     """The body of an inference request, not read yet, and only once the request could be admitted:
     draining, not ready or a full queue (for its first image) is refused before a byte is buffered,
-    then the declared length is held in the upload budget until the request is answered."""
+    then its declared length is held in the upload budget from its first byte until it is answered."""
     engine.check_admission(1)
+    timeouts = BodyTimeouts(settings.body_timeout_s, settings.body_first_byte_timeout_s, settings.body_idle_timeout_s)
     async with bounded_body(request, request.state.uploads, max_bytes=settings.max_upload_bytes,
-                            timeout_s=settings.body_timeout_s) as body:
+                            timeouts=timeouts) as body:
         yield body
 
 

@@ -160,7 +160,8 @@ MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
 def test_healthz_answers_within_a_second_while_a_32_mib_json_body_is_refused(server: str, path: str) -> None:
     """{"images": ["", "", ...]}: 11 M entries in 32 MiB. Counted as it streams, refused at the 17th,
     and /healthz keeps answering within a second throughout (it stalled 20 s when parsed whole).
-    /v2 reads its body whole, then parses it in a thread; the loop must stay free there too."""
+    /v2 reads its body whole, counts its values (refused before parsing past what any request holds);
+    the loop must stay free there too."""
     if path == V2_INFER:
         head, tail = b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [', b'""]}]}'
     else:
@@ -195,7 +196,8 @@ def test_healthz_answers_within_a_second_while_a_32_mib_json_body_is_refused(ser
         prober.join(timeout=10)
     assert latencies and max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f} s"
     if path == V2_INFER:
-        assert reply.status == 400 and b"11184" in reply.body, reply  # the element count, against the shape
+        # more values than any request served here holds: refused before the JSON is parsed
+        assert reply.status == 413 and b"holds up to 11184" in reply.body, reply
         return
     assert reply.status == 413 and reply.error()["code"] == "too_many_images", reply
     assert sent < len(body) // 2, f"the whole body ({sent} bytes) was taken before the refusal"
@@ -332,15 +334,47 @@ def test_upload_budget_refuses_with_retry_after_and_frees_on_answer(small: str) 
     assert replies[-1].status == 422, replies[-1]
 
 
-def test_uvicorn_limit_concurrency_is_applied(small: str) -> None:
-    """LIMIT_CONCURRENCY reaches uvicorn: with SMALL_CONCURRENCY - 1 idle connections open, the next
-    request is answered 503 by uvicorn; with one fewer it is served."""
-    idle = [connect(small) for _ in range(SMALL_CONCURRENCY - 1)]
+def test_declaring_a_length_and_sending_nothing_holds_no_budget(small: str) -> None:
+    """More than the whole budget declared by clients that send no byte: a real upload is still admitted,
+    and each declarer gets 408 once the first-byte timeout has passed."""
+    first_byte_s = Settings.model_fields["body_first_byte_timeout_s"].default
+    tiny = b"\xff" * 64  # not an image: 422 once admitted
+    declarers = [connect(small) for _ in range(SMALL_BUDGET // SMALL_UPLOAD + 1)]
     try:
+        started = time.monotonic()
+        for sock in declarers:
+            send_head(sock, "/v1/classify", {"Content-Type": "image/jpeg", "Content-Length": str(SMALL_UPLOAD)})
+        threading.Event().wait(0.5)  # their heads are read and their routes wait for a body
+        with connect(small) as sock:
+            send_head(sock, "/v1/classify", {"Content-Type": "image/jpeg", "Content-Length": str(len(tiny))})
+            sock.sendall(tiny)
+            reply = read_reply(sock, 10)
+        assert reply.status == 422, reply  # admitted and read: not 503 overloaded
+        timed_out = [read_reply(sock, first_byte_s + 5) for sock in declarers]
+        elapsed = time.monotonic() - started
+    finally:
+        for sock in declarers:
+            sock.close()
+    assert {r.status for r in timed_out} == {408}, timed_out
+    assert all("no byte of the request body arrived" in r.error()["message"] for r in timed_out)
+    assert first_byte_s - 0.1 <= elapsed < first_byte_s + 3, elapsed
+
+
+def test_the_connection_limit_is_applied(small: str) -> None:
+    """LIMIT_CONCURRENCY caps the open connections: with SMALL_CONCURRENCY idle ones open, the next
+    connection is answered a JSON 503 and closed; with one fewer it is served."""
+    idle = [connect(small) for _ in range(SMALL_CONCURRENCY)]
+    try:
+        def refused() -> bool:
+            with connect(small) as sock:
+                send_head(sock, "/healthz", {})
+                reply = read_reply(sock, 10)
+            return reply.status == 503 and reply.error()["code"] == "too_many_connections"
+
+        until(refused, 10, "the connection past the limit to be refused")
+        idle.pop().close()
         with httpx.Client(base_url=small, timeout=10) as client:
-            until(lambda: client.get("/healthz").status_code == 503, 10, "uvicorn to refuse past the limit")
-            idle.pop().close()
-            until(lambda: client.get("/healthz").status_code == 200, 10, "uvicorn to serve under the limit")
+            until(lambda: client.get("/healthz").status_code == 200, 10, "a connection under the limit to be served")
     finally:
         for sock in idle:
             sock.close()
