@@ -68,7 +68,22 @@ def _bad(message: str) -> BadRequestError:
     return BadRequestError(message, code="invalid_tensor")
 
 
-def _parse(header: bytes) -> InferenceRequest:
+def max_values(limits: Limits) -> int:
+    """The most JSON values a request this server would serve can hold: its largest pixels tensor sent as
+    JSON, and room for everything else."""
+    return limits.max_images * 3 * limits.side * limits.side + 4096
+
+
+def _parse(header: bytes, limits: Limits) -> InferenceRequest:
+    # Parsed, each number becomes a Python float in a list (about 32 bytes for the 3-4 it took in JSON):
+    # bound the count before parsing. Every value of an array but its last is followed by a comma, so
+    # commas plus brackets bound the values from above (commas inside strings only overcount).
+    values = header.count(b",") + header.count(b"[")
+    if values > max_values(limits):
+        raise PayloadTooLargeError(
+            f"the inference request holds up to {values} JSON values; no request this server serves has more "
+            f"than {max_values(limits)} (send pixels as binary data)", code="too_many_values",
+        )
     try:
         payload = json.loads(header)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -167,10 +182,12 @@ def _outputs(request: InferenceRequest, limits: Limits) -> list[Requested]:
     default_binary = bool(request.parameters and request.parameters.binary_data_output)
     if not request.outputs:
         return [Requested(LOGITS, default_binary, None)]
-    outputs = []
+    outputs: list[Requested] = []
     for out in request.outputs:
         if out.name not in (LOGITS, BRANCH_LOGITS):
             raise _bad(f"unknown output '{out.name}'; this model has '{LOGITS}' and '{BRANCH_LOGITS}'")
+        if any(o.name == out.name for o in outputs):  # each would be built and sent again: a request's
+            raise _bad(f"output '{out.name}' is asked for more than once")  # answer stays bounded
         params = out.parameters
         binary = params.binary_data if params and params.binary_data is not None else default_binary
         k = params.classification if params else None
@@ -185,7 +202,7 @@ def _outputs(request: InferenceRequest, limits: Limits) -> list[Requested]:
 def decode(body: bytes, header_length: str | None, limits: Limits) -> Decoded:
     """Check a whole request (framing, JSON, input, outputs) before anything is queued."""
     header, binary = codec.split_body(body, header_length)
-    request = _parse(header)
+    request = _parse(header, limits)
     if len(request.inputs) != 1:
         raise _bad(f"send exactly one input ('{IMAGE}' or '{PIXELS}'), got {len(request.inputs)}")
     sizes = [t.parameters.binary_data_size if t.parameters else None for t in request.inputs]

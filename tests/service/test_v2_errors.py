@@ -59,6 +59,13 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     ("two-inputs", INFER, *_json(_image(), _image()), 400, "exactly one input"),
     ("unknown-output", INFER, *_json(_image(), outputs=[{"name": "probabilities"}]), 400,
      "unknown output 'probabilities'"),
+    ("duplicate-output", INFER, *_json(_image(), outputs=[{"name": "logits"}, {"name": "branch_logits"},
+                                                           {"name": "logits"}]), 400,
+     "output 'logits' is asked for more than once"),
+    # more numbers than any request served here holds (16 images of pixels as JSON): refused before parsing
+    ("too-many-values", INFER, b'{"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 3, 240, 240], '
+     b'"data": [' + b"0," * 2_800_000 + b'0]}]}', {"Content-Type": "application/json"}, 413,
+     "no request this server serves has more than"),
     ("classification-0", INFER, *_json(_image(), outputs=[{"name": "logits", "parameters": {"classification": 0}}]),
      422, "between 1 and 1000"),
     ("classification-string", INFER,
