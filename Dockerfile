@@ -109,11 +109,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     CROSSVIT_ALLOW_RANDOM_WEIGHTS=false \
     CROSSVIT_WEIGHTS_DIR=/weights
 USER 10001:10001
-EXPOSE 8000
+# 8000: the API; 8081: the probe listener (/healthz, /readyz, /metrics only; CROSSVIT_PROBE_PORT)
+EXPOSE 8000 8081
 # Healthy means ready (/readyz: a worker loaded and warmed up, not draining): Docker has no separate
 # readiness, and compose's `service_healthy` and a look at `docker ps` both mean "can take requests".
+# Asked on the probe listener, which no client load on the API port can starve.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('CROSSVIT_PORT', '8000'), timeout=4)"]
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('CROSSVIT_PROBE_PORT', '8081'), timeout=4)"]
 CMD ["crossvit-serve"]
 
 # ---------------------------------------------------------------- cuda

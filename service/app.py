@@ -25,6 +25,7 @@ from .loading import LoadedWeights, WeightsError, load_weights
 from .metrics import Metrics
 from .middleware import RequestContext
 from .preprocess import InputSpec
+from .probes import Heartbeat
 from .replica import ReplicaSpec, build_backend
 from .routes import AppState
 from .settings import Settings
@@ -70,7 +71,8 @@ def engine_config(settings: Settings, variant: Variant, weights: LoadedWeights) 
         max_image_pixels=settings.max_image_pixels,
         preprocess_threads=usable_cpus() if threads == "auto" else int(threads),
         cpu_budget=cpu_budget,
-        watchdog=WatchdogConfig(settings.watchdog_floor_s, settings.watchdog_multiplier),
+        watchdog=WatchdogConfig(settings.watchdog_floor_s, settings.watchdog_multiplier,
+                                settings.worker_start_timeout_s),
     )
 
 
@@ -169,10 +171,16 @@ def create_app(settings: Settings) -> FastAPI:
             card = model_card(settings, variant, weights, len(config.labels))
             uploads = UploadBudget(settings.upload_budget_bytes, metrics.rejected.labels("upload_budget").inc)
             stop_timeout_s = WORKER_STOP_TIMEOUT_S
-            async with Engine.start(config, metrics, stop_timeout_s=stop_timeout_s) as engine:
-                app.state.engine = engine  # for the CLI's SIGTERM drain, which runs outside requests
-                yield {"settings": settings, "engine": engine, "weights": weights, "metrics": metrics,
-                       "model_card": card, "uploads": uploads}
+            heartbeat = Heartbeat()
+            beating = asyncio.get_running_loop().create_task(heartbeat.run(), name="heartbeat")
+            app.state.heartbeat = heartbeat  # the probe listener's view of this loop (service/probes.py)
+            try:
+                async with Engine.start(config, metrics, stop_timeout_s=stop_timeout_s) as engine:
+                    app.state.engine = engine  # for the CLI's SIGTERM drain and the probe listener
+                    yield {"settings": settings, "engine": engine, "weights": weights, "metrics": metrics,
+                           "model_card": card, "uploads": uploads}
+            finally:
+                beating.cancel()
 
     app = FastAPI(
         title="crossvit-serve",
@@ -186,4 +194,5 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     openapi.install(app, settings, len(imagenet_labels()))
     app.add_middleware(RequestContext, metrics=metrics)
+    app.state.metrics = metrics  # the probe listener serves them too
     return app

@@ -18,8 +18,10 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from .app import WORKER_STOP_TIMEOUT_S, create_app, prepare
+from .connections import ConnectionLimits, guarded_protocol
 from .engine import Engine
 from .logs import configure_logging
+from .probes import ProbeServer
 from .settings import ENV_PREFIX, Settings, describe_validation_error
 
 __all__ = ["main", "uvicorn_config"]
@@ -127,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     app = create_app(settings)
     server = DrainingServer(uvicorn_config(app, settings), app, settings.shutdown_timeout_s)
-    server.run()
+    probes = ProbeServer(app, app.state.metrics, settings.host, settings.probe_port) if settings.probe_port else None
+    if probes is not None:
+        probes.start()  # liveness answers from the first second, while the model loads
+    try:
+        server.run()
+    finally:
+        if probes is not None:
+            probes.stop()
     if not server.started:
         logger.error("the service did not start; see the errors above")
         return 3
@@ -136,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     """How uvicorn serves the app: our logging, our access lines, and deliberate limits."""
+    limits = ConnectionLimits(settings.limit_concurrency, settings.head_timeout_s, settings.max_head_bytes)
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -144,9 +154,11 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         access_log=False,  # the app writes one access line per request
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),
-        # A deliberate ceiling on connections plus requests (uvicorn answers 503 past it): bodies are
-        # bounded by the upload budget, but every connection costs memory and a file descriptor.
-        limit_concurrency=settings.limit_concurrency,
+        # connections capped, request heads timed and bounded (service/connections.py): uvicorn's own
+        # limit_concurrency would answer the probes 503 too
+        http=guarded_protocol(limits),
+        limit_concurrency=None,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
     )
 
 

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     watchdog_floor_s: float = Field(
         5.0, gt=0, description="a batch, or an idle worker's ping, may always run this long before its worker is killed"
     )
+    worker_start_timeout_s: float = Field(
+        120.0, gt=0, description="a worker start (load, convert, compile, guard, warm-up) running longer is killed "
+                                 "and restarted with backoff; cold starts measured 3-15 s (README)",
+    )
     watchdog_multiplier: float = Field(
         10.0, ge=2, description="a batch may run this many times its expected (p99 measured) time"
     )
@@ -63,14 +67,32 @@ class Settings(BaseSettings):
         256 * 1024 * 1024, ge=1024, description="body bytes read or held at once, over all requests; past it 503"
     )
     body_timeout_s: float = Field(30.0, gt=0, description="time a request body may take to arrive; past it 408")
-    limit_concurrency: int = Field(
-        1024, ge=1, description="open connections plus requests before uvicorn answers 503 itself"
+    body_first_byte_timeout_s: float = Field(
+        5.0, gt=0, description="time from the request head to the body's first byte; past it 408 (declaring a "
+                               "length reserves no upload budget until a byte comes)",
     )
+    body_idle_timeout_s: float = Field(
+        10.0, gt=0, description="longest pause between two chunks of a body; past it 408"
+    )
+    limit_concurrency: int = Field(
+        1024, ge=1, description="open data-plane connections; a connection past it is answered 503 and closed"
+    )
+    head_timeout_s: float = Field(
+        10.0, gt=0, description="a request head must arrive within this of its connection opening (or of its first "
+                                "byte on a kept-alive connection); past it 408 and the connection closes",
+    )
+    max_head_bytes: int = Field(32 * 1024, ge=4096, description="a request head over this is answered 431")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="an idle kept-alive connection is closed after this (s)")
 
     # access and operation
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="comma-separated")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    probe_port: int = Field(
+        8081, ge=0, le=65535,
+        description="a second listener for /healthz, /readyz and /metrics alone, which no data-plane load "
+                    "reaches (Kubernetes probes and Prometheus point here); 0: none",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["json", "text"] = "text"
 

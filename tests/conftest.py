@@ -213,6 +213,7 @@ class CliServer:
     process: subprocess.Popen[str]
     url: str
     log_path: Path
+    probe_url: str | None = None  # the probe listener (/healthz, /readyz, /metrics)
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -222,7 +223,8 @@ def cli_env(tmp_path: Path, **settings: object) -> dict[str, str]:
     """A clean environment: only the settings given here, plus what Python needs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CROSSVIT_")}
     env.update({"CROSSVIT_MODEL": TEST_VARIANT, "CROSSVIT_FETCH_WEIGHTS": "false", "CROSSVIT_DEVICE": "cpu",
-                "CROSSVIT_WEIGHTS_DIR": str(tmp_path / "no-weights-here"), "PYTHONUNBUFFERED": "1"})
+                "CROSSVIT_WEIGHTS_DIR": str(tmp_path / "no-weights-here"), "PYTHONUNBUFFERED": "1",
+                "CROSSVIT_PROBE_PORT": str(free_port())})  # not the default port: servers may overlap
     env.update({f"CROSSVIT_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
@@ -237,7 +239,9 @@ def start_cli(
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "service.cli"], env=env, stdout=log,
                                    stderr=subprocess.STDOUT, text=True)
-    server = CliServer(process, f"http://127.0.0.1:{port}", log_path)
+    probe_port = int(env["CROSSVIT_PROBE_PORT"])
+    server = CliServer(process, f"http://127.0.0.1:{port}", log_path,
+                       f"http://127.0.0.1:{probe_port}" if probe_port else None)
     try:
         if wait:
             wait_ready(server.url)

@@ -31,9 +31,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from fastapi import FastAPI
 
 from service.app import create_app
 from service.metrics import Metrics
+from service.probes import create_probe_app
 from service.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,6 +54,8 @@ APP_ROUTES = frozenset(create_app(Settings()).openapi()["paths"])
 K8S_VERSIONS = sorted({"1.28.0", kubernetes_validate.latest_version()})
 SETTINGS_ENV = frozenset(ENV_PREFIX + name.upper() for name in Settings.model_fields)
 DEFAULT_PORT: int = Settings.model_fields["port"].default
+PROBE_PORT: int = Settings.model_fields["probe_port"].default
+PROBE_ROUTES = frozenset(route.path for route in create_probe_app(FastAPI(), Metrics(max_batch_size=1)).routes)
 CROSSVIT_NAME = re.compile(r"\bCROSSVIT_[A-Z0-9_]+")
 
 Doc = dict[str, Any]
@@ -367,19 +371,22 @@ def test_built_resources_reference_each_other(built: list[Doc]) -> None:
     assert namespaces == {_one(built, "Namespace")["metadata"]["name"]}
 
 
-def test_probes_hit_real_routes_on_the_app_port(built: list[Doc]) -> None:
+def test_probes_hit_real_routes_on_the_probe_listener(built: list[Doc]) -> None:
     deployment, config = _one(built, "Deployment"), _one(built, "ConfigMap")
     container = _main_container(deployment)
-    (port,) = container["ports"]
-    assert port["containerPort"] == DEFAULT_PORT == int(config["data"].get("CROSSVIT_PORT", DEFAULT_PORT))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": DEFAULT_PORT, "probes": PROBE_PORT}
+    assert DEFAULT_PORT == int(config["data"].get("CROSSVIT_PORT", DEFAULT_PORT))
+    assert PROBE_PORT == int(config["data"].get("CROSSVIT_PROBE_PORT", PROBE_PORT))
     probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
     assert {kind: p["path"] for kind, p in probes.items()} == {
         "startupProbe": "/readyz",  # model loaded and warmed
         "readinessProbe": "/readyz",
         "livenessProbe": "/healthz",  # the process answers; never restart a pod for being busy
     }
-    assert {p["path"] for p in probes.values()} <= APP_ROUTES
-    assert all(_port_number(container, p["port"]) == DEFAULT_PORT for p in probes.values())
+    assert {p["path"] for p in probes.values()} <= PROBE_ROUTES
+    # the probe listener, which no data-plane load reaches (service/probes.py)
+    assert all(_port_number(container, p["port"]) == PROBE_PORT for p in probes.values())
     startup = container["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 300  # room for a model load
 
@@ -388,8 +395,8 @@ def test_prometheus_annotations(built: list[Doc]) -> None:
     deployment = _one(built, "Deployment")
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert int(annotations["prometheus.io/port"]) == DEFAULT_PORT
-    assert annotations["prometheus.io/path"] == "/metrics" and "/metrics" in APP_ROUTES
+    assert int(annotations["prometheus.io/port"]) == PROBE_PORT
+    assert annotations["prometheus.io/path"] == "/metrics" and "/metrics" in PROBE_ROUTES
 
 
 def test_pod_security(built: list[Doc]) -> None:
@@ -620,7 +627,7 @@ def test_final_stages_run_as_a_user_and_serve() -> None:
         uid, _, gid = stage.all("USER")[-1].partition(":")
         # numeric, so Kubernetes' runAsNonRoot can check it
         assert uid.isdigit() and int(uid) > 0 and gid.isdigit() and int(gid) > 0, name
-        assert stage.all("EXPOSE") == [str(DEFAULT_PORT)], name
+        assert stage.all("EXPOSE") == [f"{DEFAULT_PORT} {PROBE_PORT}"], name
         assert json.loads(stage.all("CMD")[-1]) == ["crossvit-serve"] and "crossvit-serve" in scripts
         env = _env(stage)
         assert env["CROSSVIT_HOST"] == "0.0.0.0" and env["CROSSVIT_ALLOW_RANDOM_WEIGHTS"] == "false"
@@ -773,11 +780,12 @@ def test_healthcheck_probes_readyz_on_the_configured_port(name: str, health_serv
     port, handler = health_server
     argv = _healthchecks()[name]
     assert argv[:2] == ["python", "-c"]  # slim images have no curl
-    assert re.search(rf"CROSSVIT_PORT', '{DEFAULT_PORT}'", argv[2])  # the default agrees with the app's
-    env = {**os.environ, "CROSSVIT_PORT": str(port)}
+    # the probe listener, whose default agrees with the app's
+    assert re.search(rf"CROSSVIT_PROBE_PORT', '{PROBE_PORT}'", argv[2])
+    env = {**os.environ, "CROSSVIT_PROBE_PORT": str(port)}
     ok = subprocess.run([sys.executable, "-c", argv[2]], env=env, capture_output=True, timeout=30, check=False)
     assert ok.returncode == 0, ok.stderr
-    assert handler.seen == ["/readyz"] and "/readyz" in APP_ROUTES
+    assert handler.seen == ["/readyz"] and "/readyz" in PROBE_ROUTES
     handler.status = 503
     failing = subprocess.run([sys.executable, "-c", argv[2]], env=env, capture_output=True, timeout=30, check=False)
     assert failing.returncode != 0
