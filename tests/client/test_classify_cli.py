@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,7 +108,9 @@ def test_csv_output_parsed_back(server: str, tmp_path: Path) -> None:
 
 
 def test_interrupted_run_resumes_where_it_stopped(limited: str, tmp_path: Path) -> None:
-    photos = write_photos(tmp_path / "photos", 12)
+    originals = write_photos(tmp_path / "photos", 12)
+    # ten times as many files (copies under other names): 12 were once all classified (0.5 s) before the Ctrl-C
+    photos = originals + [Path(shutil.copy(p, p.with_name(f"copy{k}-{p.name}"))) for k in range(9) for p in originals]
     out = tmp_path / "results.jsonl"
     args = [str(CLI), str(photos[0].parent), "--url", limited, "--out", str(out), "--concurrency", "1",
             "--no-progress"]
