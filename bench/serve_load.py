@@ -34,12 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from servers import ready_workers, wait_ready  # noqa: E402  (bench/, this script's folder)
 
 from model import create_model  # noqa: E402
 from model.runtime import Mode, prepare  # noqa: E402
@@ -83,20 +84,6 @@ def run_wrk(url: str, image: Path, connections: int, duration_s: int) -> LoadRes
     return result
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
-
-
 @dataclass
 class Served:
     label: str
@@ -117,12 +104,7 @@ def measure_server(label: str, command: list[str], env: dict[str, str], image: P
         wait_ready(url, process)
         mode = env.get("CROSSVIT_PRECISION", "")
         if label.startswith("ours"):  # every worker warmed up, then what the service chose
-            deadline = time.monotonic() + 300
-            while True:
-                workers = httpx.get(f"{url}/v1/models", timeout=5).json()["workers"]
-                if all(w["state"] == "ready" for w in workers) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
+            workers = ready_workers(url)
             mode = "+".join(sorted({f"{w.get('backend')}-{w.get('mode')}" for w in workers}))
         run_wrk(url, image, 8, 3)  # warm-up, discarded
         return Served(label, mode, {c: run_wrk(url, image, c, args.duration) for c in args.concurrency})
