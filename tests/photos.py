@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ __all__ = ["encode", "jpeg_with_orientation", "photo", "resized"]
 
 @functools.cache
 def _data_dir() -> Path:
+    if folder := os.environ.get("CROSSVIT_TEST_PHOTOS"):  # the same photos, copied (bench/gpu/fetch.py)
+        return Path(folder)
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the image tests need scikit-image's bundled photos: pip install scikit-image")
