@@ -37,9 +37,10 @@ from pathlib import Path
 import httpx
 import timm
 import torch
+from machine import cpu_line  # bench/, this script's folder
 from PIL import Image
 from safetensors.torch import save_file
-from servers import free_port, wait_ready  # bench/, this script's folder
+from servers import free_port, wait_ready
 
 VARIANT = "crossvit_tiny_240"
 MiB = 1 << 20
@@ -236,7 +237,7 @@ def main() -> int:
                                              5: row5}
     with tempfile.TemporaryDirectory() as tmp, server(Path(tmp)) as (url, probe, pid):
         where = " (the API port: no probe listener)" if probe == url else ""
-        print(f"server pid {pid}; probes asked at {probe}{where}")
+        print(f"# {cpu_line()}\nserver pid {pid}; probes asked at {probe}{where}")
         for row in args.rows:
             time.sleep(1)
             base = reset_peak(pid)

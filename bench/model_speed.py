@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import cpu_line  # noqa: E402  (bench/, this script's folder)
 
 from model import CrossViT, create_model  # noqa: E402
 from model.runtime import Mode, logit_cosine, prepare  # noqa: E402
@@ -120,8 +121,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    print(f"# torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+    print(f"# torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, {cpu_line()}")
     results = []
     for name in args.variants:
         torch.manual_seed(0)

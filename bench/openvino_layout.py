@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_line  # noqa: E402  (bench/, this script's folder)
+
 
 def _child(args: argparse.Namespace) -> None:
     import numpy as np
@@ -103,6 +105,7 @@ def main() -> None:
         run = functools.partial(spawn, args.variant, cache, seconds=args.seconds)
         results([run("fp32", threads=1, batch=1)])  # convert once, into the cache
         print(f"# {args.variant}, batch {args.batch}, {args.seconds:.0f} s per measurement, {cores} cores")
+        print(f"# {cpu_line()}")
         print(f"| mode | {cores} processes x 1 thread, unpinned (sum) | pinned (sum) | 1 process, {cores} streams "
               f"| 1 process x {cores} threads | same, batch 1 |")
         print("|---|---|---|---|---|---|")

@@ -28,6 +28,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import cpu_line  # noqa: E402  (bench/, this script's folder)
+
 import service.preprocess as pp  # noqa: E402
 from model.variants import get_variant  # noqa: E402
 from tests.photos import encode, photo, resized  # noqa: E402
@@ -137,7 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     spec = pp.InputSpec.from_variant(get_variant(args.variant))
-    print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+    print(f"{cpu_line()}, Python {platform.python_version()}, "
           f"Pillow {PIL.__version__}, torch {torch.__version__}, 1 thread, median of {args.repeats}; "
           f"{args.variant}: resize {spec.resize_size}, crop {spec.crop_size}\n")
     timing_table(spec, args.repeats)

@@ -40,7 +40,8 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from servers import ready_workers, wait_ready  # noqa: E402  (bench/, this script's folder)
+from machine import cpu_line  # noqa: E402  (bench/, this script's folder)
+from servers import ready_workers, wait_ready  # noqa: E402
 
 from model import create_model  # noqa: E402
 from model.runtime import Mode, prepare  # noqa: E402
@@ -205,6 +206,7 @@ def main() -> None:
 
         pre_ms = preprocess_ms(args.variant, image.read_bytes())
         print(f"# {args.variant}, torch {torch.__version__}, {threads} threads; wrk -t1, {args.duration} s per run")
+        print(f"# {cpu_line()}")
         print(f"preprocessing one 640x480 JPEG: {pre_ms:.2f} ms (median, one thread)\n")
         served: list[Served] = []
         only: dict[str, dict[int, list[float]]] = {}  # served mode -> batch -> samples

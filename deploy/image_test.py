@@ -383,13 +383,18 @@ def check_stop(cli: str, container: str, label: str, stop: Sequence[str], report
 
 def docker_run(cli: str, report: Report) -> None:
     say(f"docker run {IMAGE}: --network host --read-only --tmpfs /tmp --user 10001")
-    port = _free_port()
-    env = [f"--env={k}={v}" for k, v in {**MODEL_ENV, "CROSSVIT_PORT": str(port)}.items()]
+    port, probe_port = _free_port(), _free_port()
+    settings = {**MODEL_ENV, "CROSSVIT_PORT": str(port), "CROSSVIT_PROBE_PORT": str(probe_port)}
+    env = [f"--env={k}={v}" for k, v in settings.items()]
     started = time.monotonic()
     run([cli, "run", "--detach", "--name", CONTAINER, "--network", "host", "--read-only", "--tmpfs", "/tmp",
          "--user", "10001", "--shm-size", "1g", "--stop-timeout", str(STOP_GRACE_S), *env, IMAGE])
-    wait_healthy(cli, CONTAINER, "docker run", started, report)
+    wait_healthy(cli, CONTAINER, "docker run", started, report)  # the HEALTHCHECK asks the probe listener
     check_service(cli, CONTAINER, "docker run", port, report)
+    with httpx.Client(base_url=f"http://127.0.0.1:{probe_port}", timeout=10) as probes:
+        answers = {path: probes.get(path).status_code for path in ("/healthz", "/readyz", "/metrics")}
+    report.check("the probe listener answers /healthz, /readyz and /metrics", set(answers.values()) == {200},
+                 answers)
     check_stop(cli, CONTAINER, "docker run", [cli, "stop", "--time", str(STOP_GRACE_S), CONTAINER], report)
 
 

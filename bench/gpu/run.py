@@ -42,6 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
+from machine import cpu_line  # noqa: E402
 from servers import free_port, ready_workers, wait_ready  # noqa: E402
 
 
@@ -127,7 +128,8 @@ def setup(carry: Path | None, results: Path) -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "cuda": torch.version.cuda, "cpus": os.cpu_count(), "installed": installed}
+                            "cuda": torch.version.cuda, "cpus": os.cpu_count(), "cpu": cpu_line(),
+                            "installed": installed}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpus"] = torch.cuda.device_count()

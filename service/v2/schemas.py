@@ -190,10 +190,17 @@ An optional field may also be null, meaning absent, as the parser takes it.
                 "description": f"one input: '{IMAGE}' (BYTES [N], encoded images) or, in the binary form, "
                 f"'{PIXELS}' (FP32 [N, 3, {side}, {side}], normalised); N <= {max_images}",
             },
+            # each output at most once (a name given twice is 400, so an answer stays bounded): none, one, or
+            # both, said with `contains` alone
             "outputs": {
-                "type": ["array", "null"],
-                "items": output,
-                "description": f"default: '{LOGITS}' as JSON; '{BRANCH_LOGITS}' only when asked for",
+                "anyOf": [
+                    {"type": "null"},
+                    {"type": "array", "items": output, "maxItems": 1},
+                    {"type": "array", "items": output, "minItems": 2, "maxItems": 2,
+                     "allOf": [{"contains": {"required": ["name"], "properties": {"name": {"const": name}}}}
+                               for name in (LOGITS, BRANCH_LOGITS)]},
+                ],
+                "description": f"default: '{LOGITS}' as JSON; '{BRANCH_LOGITS}' only when asked for; each at most once",
             },
         },
     }
