@@ -33,9 +33,11 @@ class WorkerOutput:
 
 @dataclass(eq=False)
 class Pending:
-    """One image waiting for a worker; its request awaits `future`."""
+    """One image waiting for a worker; its request awaits `future`. Compared by identity, and its
+    repr leaves the pixels out: a queue looks items up (deque.remove), and a failed lookup formats
+    its item into the error (a 3x240x240 tensor repr, milliseconds of the event loop)."""
 
-    pixels: Tensor  # (3, H, W): branch 0's input; the worker derives branch 1's
+    pixels: Tensor = field(repr=False)  # (3, H, W): branch 0's input; the worker derives branch 1's
     future: asyncio.Future[WorkerOutput]
     enqueued_at: float = field(default_factory=time.monotonic)
     attempts: int = 0  # dispatches so far; a worker crash allows one retry

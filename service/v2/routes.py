@@ -8,7 +8,7 @@ needs the API key when keys are configured. The model's name is the variant's; i
 # model, a closure variable that FastAPI could not resolve from a string annotation.
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -82,10 +82,10 @@ def router(settings: Settings) -> APIRouter:
         if model_version not in (None, MODEL_VERSION):
             raise ModelNotFoundError(f"model '{name}' has no version '{model_version}'; versions: ['{MODEL_VERSION}']")
 
-    def served(model_name: Annotated[str, PathParam(json_schema_extra={"enum": [name]})]) -> None:
+    async def served(model_name: Annotated[str, PathParam(json_schema_extra={"enum": [name]})]) -> None:
         _model(model_name, None)
 
-    def served_version(
+    async def served_version(
         model_name: Annotated[str, PathParam(json_schema_extra={"enum": [name]})],
         model_version: Annotated[str, PathParam(json_schema_extra={"enum": [MODEL_VERSION]})],
     ) -> None:
@@ -169,7 +169,7 @@ def router(settings: Settings) -> APIRouter:
     async def server_metadata() -> dict[str, Any]:
         return {"name": "crossvit-serve", "version": __version__, "extensions": EXTENSIONS}
 
-    checks: list[tuple[str, Callable[..., None]]] = [
+    checks: list[tuple[str, Callable[..., Awaitable[None]]]] = [
         ("/v2/models/{model_name}", served), ("/v2/models/{model_name}/versions/{model_version}", served_version)
     ]
     for path, check in checks:
