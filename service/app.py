@@ -26,7 +26,8 @@ from .metrics import Metrics
 from .middleware import RequestContext
 from .preprocess import InputSpec
 from .probes import Heartbeat
-from .replica import ReplicaSpec, build_backend
+from .protocol import ReplicaSpec
+from .replica import build_backend
 from .routes import AppState
 from .settings import Settings
 from .watchdog import WatchdogConfig

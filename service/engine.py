@@ -26,7 +26,7 @@ from .batcher import Batcher, Pending
 from .errors import DeadlineExceededError, NotReadyError, OverloadedError
 from .metrics import Metrics
 from .preprocess import DecodeCancelled, InputSpec, Preprocessed, preprocess
-from .replica import ReplicaSpec
+from .protocol import ReplicaSpec
 from .watchdog import WatchdogConfig
 from .workers import WorkerPool
 

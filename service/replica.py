@@ -1,11 +1,8 @@
 """The worker process: one model replica on its backend, fed batches through shared-memory slots.
 
-The parent writes a batch's branch-0 inputs into one of this worker's slots and sends
-("run", batch_id, slot, n, threads); the replica writes both branches' logits into the same slot
-and answers ("done", batch_id, slot, seconds). Only these small tuples cross the pipe. An idle
-worker answers the parent's ("ping",) with ("pong",): the watchdog's sign of life. While starting,
-it says ("trying", "openvino/bf16") before each compute mode it compiles and checks: a worker that
-dies then (a native crash no guard can catch) has named the mode the parent skips from then on.
+What crosses the pipe, and why, is service/protocol.py: `Run` in, `Done` out, slots in shared memory
+between; `Trying` before each compute mode it starts, so that a native crash no guard can catch
+names the mode the parent skips from then on.
 """
 
 from __future__ import annotations
@@ -14,48 +11,25 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from model.checkpoint import load_checkpoint
 from model.variants import create_model, get_variant
 
 from .backends import Backend, Built, ModeGate, Probe, build_openvino, build_torch, cache_key
+from .protocol import Done, Failed, Fatal, Ping, Pong, Ready, ReplicaSpec, Slots, Stop, ToWorker, Trying
 
-__all__ = ["ReplicaSpec", "Slots", "WeightsChangedError", "build_backend", "main"]
+__all__ = ["PipeGate", "WeightsChangedError", "build_backend", "main"]
 
 logger = logging.getLogger(__name__)
 
 
 class WeightsChangedError(RuntimeError):
     """The checkpoint no longer hashes to what the parent verified: the worker refuses to start."""
-
-
-@dataclass(frozen=True)
-class ReplicaSpec:
-    """Everything a worker needs, small and picklable (the app itself never crosses)."""
-
-    worker_id: int
-    variant: str
-    weights: str | None  # checkpoint file; None: random init (the parent already warned)
-    weights_sha256: str  # of that file, as the parent verified it: checked before loading; names the cache entry
-    device: str
-    backend: str  # torch or openvino (resolved by the parent)
-    backend_fallback: bool  # may fall back to torch when the backend cannot start (backend=auto)
-    precision: str  # auto, fp32, bf16, fp16
-    threads: int
-    thread_options: tuple[int, ...]  # every thread count the parent may send with a batch
-    max_batch_size: int
-    cache_dir: str | None = None  # converted models; None: convert at every start
-    log_level: str = "info"
-    log_format: str = "text"
-    skip_modes: tuple[str, ...] = ()  # modes ("openvino/bf16") that killed a worker while it started them
-    abort_modes: tuple[str, ...] = ()  # test only: os.abort() on trying these (CROSSVIT_TEST_ABORT_MODES)
 
 
 class PipeGate:
@@ -73,30 +47,11 @@ class PipeGate:
 
     def trying(self, key: str) -> None:
         if self._conn is not None:
-            self._conn.send(("trying", key))
+            self._conn.send(Trying(key))
         if key in self._spec.abort_modes:
             logger.warning("test fault: aborting while trying a mode", extra={"worker": self._spec.worker_id,
                                                                            "mode": key})
             os.abort()
-
-
-@dataclass
-class Slots:
-    """One worker's shared-memory buffers: S slots of up to B images, and both branches' logits."""
-
-    x: Tensor  # (S, B, 3, H, H): branch 0's input
-    logits: Tensor  # (S, B, 2, C): branch 0 and branch 1 logits
-
-    @classmethod
-    def allocate(cls, slots: int, batch: int, size: int, num_classes: int) -> Slots:
-        return cls(
-            x=torch.zeros(slots, batch, 3, size, size).share_memory_(),  # type: ignore[no-untyped-call]
-            logits=torch.zeros(slots, batch, 2, num_classes).share_memory_(),  # type: ignore[no-untyped-call]
-        )
-
-    @property
-    def count(self) -> int:
-        return int(self.x.shape[0])
 
 
 def build_backend(
@@ -168,23 +123,22 @@ def _pin(slots: Slots) -> None:
 def _serve(spec: ReplicaSpec, conn: Connection, slots: Slots, backend: Backend) -> None:
     while True:
         try:
-            message = conn.recv()
+            message: ToWorker = conn.recv()
         except (EOFError, OSError):
             return  # the parent is gone: nothing left to serve
-        if message[0] == "stop":
+        if isinstance(message, Stop):
             return
-        if message[0] == "ping":
-            conn.send(("pong",))
+        if isinstance(message, Ping):
+            conn.send(Pong())
             continue
-        _, batch_id, slot, n, threads = message  # threads: the parent shares the cores among busy workers
         started = time.perf_counter()
         try:
-            slots.logits[slot, :n].copy_(backend(slots.x[slot, :n], threads))
+            slots.logits[message.slot, :message.n].copy_(backend(slots.x[message.slot, :message.n], message.threads))
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
-            conn.send(("failed", batch_id, slot, f"out of device memory: {exc}"))
+            conn.send(Failed(message.batch_id, message.slot, f"out of device memory: {exc}"))
             continue
-        conn.send(("done", batch_id, slot, time.perf_counter() - started))
+        conn.send(Done(message.batch_id, message.slot, time.perf_counter() - started))
 
 
 def main(spec: ReplicaSpec, conn: Connection, slots: Slots) -> None:
@@ -206,8 +160,8 @@ def main(spec: ReplicaSpec, conn: Connection, slots: Slots) -> None:
         backend, info = _build(spec, slots, PipeGate(spec, conn))
     except Exception as exc:  # reported to the parent, which restarts with backoff
         logger.exception("worker failed to start", extra={"worker": spec.worker_id})
-        conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
+        conn.send(Fatal(f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
     logger.info("worker ready", extra={"worker": spec.worker_id, **info, "variant": get_variant(spec.variant).name})
-    conn.send(("ready", info))
+    conn.send(Ready(info))
     _serve(spec, conn, slots, backend)

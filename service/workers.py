@@ -30,7 +30,7 @@ from . import replica
 from .batcher import Pending, WorkerOutput
 from .errors import WorkerFailedError
 from .metrics import Metrics
-from .replica import ReplicaSpec, Slots
+from .protocol import Done, Failed, Fatal, Ping, Pong, Ready, ReplicaSpec, Run, Slots, Stop, ToParent, Trying
 from .watchdog import InferenceTimes, WatchdogConfig
 
 __all__ = ["WorkerPool", "WorkerState", "shared_threads"]
@@ -192,7 +192,7 @@ class WorkerPool:
         for worker in live:
             try:
                 assert worker.conn is not None
-                worker.conn.send(("stop",))
+                worker.conn.send(Stop())
             except (OSError, ValueError):
                 pass
         deadline = time.monotonic() + timeout_s
@@ -260,7 +260,7 @@ class WorkerPool:
         self._metrics.batch_size.observe(len(batch))
         try:
             assert worker.conn is not None
-            worker.conn.send(("run", record.id, slot, len(batch), self._threads_for(worker)))
+            worker.conn.send(Run(record.id, slot, len(batch), self._threads_for(worker)))
         except (OSError, ValueError):
             pass  # the worker is dying; its sentinel fires next and retries these images
 
@@ -279,41 +279,39 @@ class WorkerPool:
         except (EOFError, OSError):
             pass  # the sentinel reports the death
 
-    def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
-        kind = message[0]
+    def _handle(self, worker: _Worker, message: ToParent) -> None:
         worker.last_heard = time.monotonic()
-        if kind == "ready":
-            worker.state, worker.info, worker.ready_at, worker.last_error, worker.trying = (
-                WorkerState.READY, message[1], worker.last_heard, None, None
-            )
-            worker.up_since, worker.back_by = worker.last_heard, None
-            worker.last_start_s = worker.last_heard - worker.spawned_at
-            if "warm_up_s" in worker.info:
-                self._times_of(worker).record_warm_up(worker.spec.max_batch_size, worker.info["warm_up_s"])
-        elif kind == "pong":
-            worker.ping_sent_at = None
-        elif kind == "trying":
-            worker.trying = message[1]
-        elif kind == "done":
-            _, batch_id, slot, seconds = message
-            batch = self._finished(worker, batch_id, slot)
-            self._times_of(worker).record(len(batch.items), seconds)
-            logits = worker.slots.logits[slot, : len(batch.items)].clone()
-            for i, item in enumerate(batch.items):
-                if not item.future.done():
-                    item.future.set_result(WorkerOutput(
-                        logits[i], queue_s=batch.dispatched_at - item.enqueued_at, inference_s=seconds,
-                        batch_size=len(batch.items),
-                    ))
-            self._metrics.inference.observe(seconds)
-            self._on_done(len(batch.items))
-        elif kind == "failed":
-            _, batch_id, slot, reason = message
-            batch = self._finished(worker, batch_id, slot)
-            logger.error("batch failed on a worker", extra={"worker": worker.spec.worker_id, "reason": reason})
-            self._fail(batch.items, f"inference failed: {reason}")
-        elif kind == "fatal":
-            worker.last_error, worker.trying = message[1], None  # an error it reported, not a mode's crash
+        match message:
+            case Ready(info):
+                worker.state, worker.info, worker.ready_at, worker.last_error, worker.trying = (
+                    WorkerState.READY, info, worker.last_heard, None, None
+                )
+                worker.up_since, worker.back_by = worker.last_heard, None
+                worker.last_start_s = worker.last_heard - worker.spawned_at
+                if "warm_up_s" in info:
+                    self._times_of(worker).record_warm_up(worker.spec.max_batch_size, info["warm_up_s"])
+            case Pong():
+                worker.ping_sent_at = None
+            case Trying(mode):
+                worker.trying = mode
+            case Done(batch_id, slot, seconds):
+                batch = self._finished(worker, batch_id, slot)
+                self._times_of(worker).record(len(batch.items), seconds)
+                logits = worker.slots.logits[slot, : len(batch.items)].clone()
+                for i, item in enumerate(batch.items):
+                    if not item.future.done():
+                        item.future.set_result(WorkerOutput(
+                            logits[i], queue_s=batch.dispatched_at - item.enqueued_at, inference_s=seconds,
+                            batch_size=len(batch.items),
+                        ))
+                self._metrics.inference.observe(seconds)
+                self._on_done(len(batch.items))
+            case Failed(batch_id, slot, reason):
+                batch = self._finished(worker, batch_id, slot)
+                logger.error("batch failed on a worker", extra={"worker": worker.spec.worker_id, "reason": reason})
+                self._fail(batch.items, f"inference failed: {reason}")
+            case Fatal(error):
+                worker.last_error, worker.trying = error, None  # an error it reported, not a mode's crash
         self._wake()
 
     def _finished(self, worker: _Worker, batch_id: int, slot: int) -> _Batch:
@@ -412,7 +410,7 @@ class WorkerPool:
         if not worker.in_flight and worker.ping_sent_at is None and now - worker.last_heard > self._watchdog.floor_s:
             worker.ping_sent_at = now  # idle and silent for a while: is it still there?
             try:
-                worker.conn.send(("ping",))
+                worker.conn.send(Ping())
             except (OSError, ValueError):
                 pass  # dying: the sentinel reports it
             return
