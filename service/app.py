@@ -19,6 +19,7 @@ from weights.labels import imagenet_labels
 from . import __version__, errors, openapi, page, routes, v2
 from .backends import BackendChoice, resolve_backend
 from .bodies import UploadBudget
+from .deps import AppState
 from .devices import plan_workers, usable_cpus
 from .engine import Engine, EngineConfig
 from .loading import LoadedWeights, WeightsError, load_weights
@@ -28,7 +29,6 @@ from .preprocess import InputSpec
 from .probes import Heartbeat
 from .protocol import ReplicaSpec
 from .replica import build_backend
-from .routes import AppState
 from .settings import Settings
 from .watchdog import WatchdogConfig
 from .workers import shared_threads
