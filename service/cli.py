@@ -17,7 +17,8 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from .app import WORKER_STOP_TIMEOUT_S, create_app, prepare
+from .app import WORKER_STOP_TIMEOUT_S, create_app
+from .assembly import prepare
 from .connections import ConnectionLimits, guarded_protocol
 from .engine import Engine
 from .logs import configure_logging

@@ -7,12 +7,14 @@ and the test waits until the batch was dispatched to it: no race with the server
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
 import re
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +22,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import BACKENDS, Reference, child_worker_pids, engine_of, run_server, start_cli, until
+from model.variants import get_variant
+from service.assembly import engine_config
+from service.engine import Classification, Engine
+from service.loading import load_weights
+from service.metrics import Metrics
+from tests.conftest import (
+    BACKENDS,
+    Reference,
+    child_worker_pids,
+    engine_of,
+    run_server,
+    server_settings,
+    start_cli,
+    until,
+)
 from tests.photos import encode, photo
 from tests.service.serving import JPEG, batches, classify, metric, ready_status, stopped
 
@@ -184,3 +200,25 @@ def test_a_client_that_leaves_is_dropped_quietly(one_worker: str, caplog: pytest
     text = httpx.get(f"{one_worker}/metrics").text
     assert 'status="500"' not in text
     assert re.search(r'^crossvit_requests_total\{route="/v1/classify",status="499"\} 2\.0$', text, re.M), text
+
+
+def test_the_engine_starts_and_classifies_without_http(reference: Reference, tmp_path: Path) -> None:
+    """The engine is assembled from settings alone (service/assembly.py): no app, no HTTP, the real workers."""
+    settings = server_settings(weights=str(reference.checkpoint), backend="torch", precision="fp32", workers=1,
+                               threads_per_worker=1)
+    weights = load_weights(settings, tmp_path)
+    config = engine_config(settings, get_variant(settings.model), weights)
+    assert [spec.device for spec in config.replicas] == ["cpu"] and config.replicas[0].backend == "torch"
+
+    async def run() -> Classification:
+        metrics = Metrics(max_batch_size=settings.max_batch_size)
+        async with Engine.start(config, metrics, stop_timeout_s=5) as engine:
+            while not engine.readiness()[0]:
+                await asyncio.sleep(0.1)
+            return await engine.classify([JPEG], top_k=3, branches=True, deadline=time.monotonic() + 60)
+
+    result = asyncio.run(asyncio.wait_for(run(), 180))
+    (image,) = result.results
+    assert len(image.predictions) == 3 and image.branches is not None and len(image.branches) == 2
+    assert tuple(result.logits.shape) == (1, 2, 1000)
+    assert image.predictions[0].class_id == int(result.logits[0].mean(0).argmax())
