@@ -20,11 +20,10 @@ from typing import Any, TypeVar
 
 import httpx
 
-from service.schemas import ClassifyResponse, ImageResultModel, ModelCard
-
 from .batching import Limits, plan_batches
 from .errors import APIError, ClientError, ImageReadError, UnreachableError
 from .retry import RetryEvent, RetryPolicy
+from .wire import ClassifyResponse, ImageResultModel, ModelCard
 
 __all__ = ["AsyncClient", "Client", "ImageInput", "Outcome"]
 

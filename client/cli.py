@@ -19,14 +19,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from service.schemas import ImageResultModel
-
 from .api import DEFAULT_URL, AsyncClient
 from .batching import Limits, plan_batches
 from .errors import APIError, ClientError, UnreachableError
 from .output import OutputError, ResultsFile
 from .retry import RetryEvent, RetryPolicy
 from .walk import find_images
+from .wire import ImageResultModel
 
 __all__ = ["main"]
 

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from service.schemas import ImageResultModel
-
 from .api import Outcome
 from .errors import APIError
+from .wire import ImageResultModel
 
 __all__ = ["OutputError", "ResultsFile", "row"]
 
