@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import create_model  # noqa: E402
 from model.variants import get_variant  # noqa: E402
-from service.agreement import Agreement, branch_agreement  # noqa: E402
-from service.preprocess import InputSpec, preprocess  # noqa: E402
+from service.imaging.preprocess import InputSpec, preprocess  # noqa: E402
+from service.inference.agreement import Agreement, branch_agreement  # noqa: E402
 from tests.photos import encode, photo  # noqa: E402
 
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "motorcycle_left", "retina", "hubble_deep_field", "camera",

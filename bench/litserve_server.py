@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import create_model  # noqa: E402
 from model.runtime import Mode, prepare  # noqa: E402
 from model.variants import get_variant  # noqa: E402
-from service.preprocess import InputSpec, preprocess  # noqa: E402
+from service.imaging.preprocess import InputSpec, preprocess  # noqa: E402
 
 MODES = {"fp32": Mode.FP32, "bf16": Mode.BF16_AUTOCAST, "fp16": Mode.FP16_AUTOCAST}
 

@@ -31,7 +31,7 @@ from machine import cpu_line  # noqa: E402  (bench/, this script's folder)
 
 from model import CrossViT, create_model  # noqa: E402
 from model.runtime import Mode, logit_cosine, prepare  # noqa: E402
-from service.backends.openvino_runtime import OpenVINOBackend, available, convert_cached  # noqa: E402
+from service.worker.backends.openvino_runtime import OpenVINOBackend, available, convert_cached  # noqa: E402
 
 COSINE_FLOOR = 0.9999
 Forward = Callable[[Tensor], Tensor]

@@ -36,7 +36,7 @@ def _child(args: argparse.Namespace) -> None:
     import torch
 
     from model import create_model
-    from service.backends.openvino_runtime import compile_config, convert_cached
+    from service.worker.backends.openvino_runtime import compile_config, convert_cached
 
     torch.manual_seed(0)
     model = create_model(args.variant)

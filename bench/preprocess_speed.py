@@ -1,4 +1,4 @@
-"""Per-image cost of `service.preprocess.preprocess`, and what JPEG draft mode changes in its output.
+"""Per-image cost of `service.imaging.preprocess.preprocess`, and what JPEG draft mode changes in its output.
 
     .venv/bin/python bench/preprocess_speed.py [--repeats 25] [--variant crossvit_18_dagger_240]
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import cpu_line  # noqa: E402  (bench/, this script's folder)
 
-import service.preprocess as pp  # noqa: E402
+import service.imaging.preprocess as pp  # noqa: E402
 from model.variants import get_variant  # noqa: E402
 from tests.photos import encode, photo, resized  # noqa: E402
 

@@ -46,7 +46,7 @@ from servers import ready_workers, wait_ready  # noqa: E402
 from model import create_model  # noqa: E402
 from model.runtime import Mode, prepare  # noqa: E402
 from model.variants import get_variant  # noqa: E402
-from service.preprocess import InputSpec, preprocess  # noqa: E402
+from service.imaging.preprocess import InputSpec, preprocess  # noqa: E402
 from tests.photos import encode, photo, resized  # noqa: E402
 
 MAX_BATCH = 8  # the service's default max_batch_size

@@ -15,16 +15,17 @@ from fastapi import FastAPI
 from model.variants import Variant, get_variant
 from weights.labels import imagenet_labels
 
-from . import __version__, errors, openapi, page, routes, v2
-from .assembly import engine_config
-from .bodies import UploadBudget
-from .deps import AppState
-from .engine import Engine
-from .loading import LoadedWeights, WeightsError, load_weights
+from . import __version__, errors
+from .api import openapi, page, v1, v2
+from .api.deps import AppState
+from .api.middleware import RequestContext
+from .api.probes import Heartbeat
+from .inference.assembly import engine_config
+from .inference.engine import Engine
+from .inference.loading import LoadedWeights, WeightsError, load_weights
 from .metrics import Metrics
-from .middleware import RequestContext
-from .probes import Heartbeat
 from .settings import Settings
+from .uploads.bodies import UploadBudget
 
 __all__ = ["create_app"]
 
@@ -98,7 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
             stop_timeout_s = WORKER_STOP_TIMEOUT_S
             heartbeat = Heartbeat()
             beating = asyncio.get_running_loop().create_task(heartbeat.run(), name="heartbeat")
-            app.state.heartbeat = heartbeat  # the probe listener's view of this loop (service/probes.py)
+            app.state.heartbeat = heartbeat  # the probe listener's view of this loop (service/api/probes.py)
             try:
                 async with Engine.start(config, metrics, stop_timeout_s=stop_timeout_s) as engine:
                     app.state.engine = engine  # for the CLI's SIGTERM drain and the probe listener
@@ -113,7 +114,7 @@ def create_app(settings: Settings) -> FastAPI:
         summary="CrossViT image classification (ImageNet-1k) over HTTP",
         lifespan=lifespan,
     )
-    app.include_router(routes.router)
+    app.include_router(v1.router)
     app.include_router(v2.router(settings))
     app.include_router(page.router())
     errors.install(app)

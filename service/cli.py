@@ -17,12 +17,12 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
+from .api.connections import ConnectionLimits, guarded_protocol
+from .api.probes import ProbeServer
 from .app import WORKER_STOP_TIMEOUT_S, create_app
-from .assembly import prepare
-from .connections import ConnectionLimits, guarded_protocol
-from .engine import Engine
+from .inference.assembly import prepare
+from .inference.engine import Engine
 from .logs import configure_logging
-from .probes import ProbeServer
 from .settings import ENV_PREFIX, Settings, describe_validation_error
 
 __all__ = ["main", "uvicorn_config"]
@@ -155,7 +155,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         access_log=False,  # the app writes one access line per request
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),
-        # connections capped, request heads timed and bounded (service/connections.py): uvicorn's own
+        # connections capped, request heads timed and bounded (service/api/connections.py): uvicorn's own
         # limit_concurrency would answer the probes 503 too
         http=guarded_protocol(limits),
         limit_concurrency=None,

@@ -44,7 +44,7 @@ class ClassifyJSON(BaseModel):
 
     images: list[str] = Field(
         description="standard base64 images, each optionally prefixed with data:image/...;base64,",
-        json_schema_extra={"minItems": 1, "items": {"type": "string", "format": "byte"}},  # maxItems: service.openapi
+        json_schema_extra={"minItems": 1, "items": {"type": "string", "format": "byte"}},  # maxItems: api/openapi.py
     )
 
 

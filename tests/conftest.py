@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from service.app import create_app
-from service.engine import Engine
+from service.inference.engine import Engine
 from service.settings import Settings
 
 TEST_VARIANT = "crossvit_tiny_240"  # the cheapest published variant: fast tests, real architecture

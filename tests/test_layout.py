@@ -3,8 +3,10 @@ resolved, function-level ones included).
 
 - model/ is the model alone: nothing of the service, the weights tooling or the client;
 - client/ stands alone (its own distribution): nothing of the server, and no torch, OpenVINO or numpy;
-- the worker process's side (service/replica.py, service/protocol.py, service/backends/) never imports
-  the HTTP face or the parent's engine, pool and batcher: what both sides share is service/protocol.py;
+- the worker process's side (service/worker/) never imports the HTTP face (service/api/, the app), the
+  uploads or the parent's inference machinery: what both sides share is service/worker/protocol.py;
+- the imaging (service/imaging/) is pure: nothing of the HTTP face, the uploads, inference or the worker;
+- inference (the parent's engine, batcher, pool) never imports the HTTP face;
 - of the server, only service/schemas.py imports the client, and only its wire models.
 """
 
@@ -19,19 +21,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "service", "weights", "client")
 
-WORKER_SIDE = ("service.replica", "service.protocol", "service.backends")
-PARENT_AND_HTTP = (
-    "service.app", "service.assembly", "service.cli", "service.connections", "service.deps", "service.engine",
-    "service.batcher", "service.workers", "service.watchdog", "service.middleware", "service.openapi",
-    "service.page", "service.probes", "service.routes", "service.v2", "service.bodies", "service.inputs",
-    "service.formparts", "service.jsonimages",
-)
+WORKER_SIDE = ("service.worker",)
+PARENT_AND_HTTP = ("service.app", "service.cli", "service.api", "service.uploads", "service.inference")
 # (importer prefixes, forbidden import prefixes, why)
 RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     (("model",), ("service", "weights", "client"), "the model package stands alone"),
     (("client",), ("service", "model", "weights", "torch", "openvino", "numpy"),
      "the client is its own distribution (httpx, pydantic, tqdm)"),
-    (WORKER_SIDE, PARENT_AND_HTTP, "the worker process shares only service.protocol with the parent"),
+    (WORKER_SIDE, PARENT_AND_HTTP, "the worker process shares only service.worker.protocol with the parent"),
+    (("service.imaging",), ("service.api", "service.uploads", "service.inference", "service.worker", "service.app"),
+     "the imaging is pure: bytes in, pixels out"),
+    (("service.inference",), ("service.api", "service.app", "service.cli"), "inference knows nothing of HTTP"),
 ]
 
 
@@ -85,17 +85,16 @@ def test_imports_point_one_way() -> None:
     ("client/extra.py", "from service.engine import Engine"),
     ("client/extra.py", "import torch"),
     ("model/extra.py", "from service import routes"),
-    ("service/backends/extra.py", "from ..workers import WorkerPool"),
-    ("service/replica_extra.py", "from .deps import EngineDep"),
+    ("service/worker/backends/extra.py", "from ...inference.pool import WorkerPool"),
+    ("service/worker/extra.py", "from ..api.deps import EngineDep"),
+    ("service/imaging/extra.py", "from ..uploads.bodies import Body"),
+    ("service/inference/extra.py", "from ..api import v1"),
     ("service/routes_extra.py", "from client.api import Client"),
 ])
 def test_a_forbidden_import_is_found(tmp_path: Path, file: str, line: str) -> None:
     for package in PACKAGES:
         (tmp_path / package).mkdir()
         (tmp_path / package / "__init__.py").write_text("")
-    (tmp_path / "service" / "backends").mkdir()
-    (tmp_path / "service" / "backends" / "__init__.py").write_text("")
+    (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / file).write_text(line + "\n")
-    if file == "service/replica_extra.py":  # a worker-side module by name
-        (tmp_path / file).rename(tmp_path / "service" / "replica.py")
     assert violations(tmp_path), line

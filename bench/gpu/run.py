@@ -213,7 +213,7 @@ def _preprocess_worker(args: tuple[str, bytes, float]) -> int:
     import torch
 
     from model.variants import get_variant
-    from service.preprocess import InputSpec, preprocess
+    from service.imaging.preprocess import InputSpec, preprocess
 
     torch.set_num_threads(1)
     spec = InputSpec.from_variant(get_variant(variant))

@@ -33,9 +33,9 @@ import pytest
 import yaml
 from fastapi import FastAPI
 
+from service.api.probes import create_probe_app
 from service.app import create_app
 from service.metrics import Metrics
-from service.probes import create_probe_app
 from service.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -385,7 +385,7 @@ def test_probes_hit_real_routes_on_the_probe_listener(built: list[Doc]) -> None:
         "livenessProbe": "/healthz",  # the process answers; never restart a pod for being busy
     }
     assert {p["path"] for p in probes.values()} <= PROBE_ROUTES
-    # the probe listener, which no data-plane load reaches (service/probes.py)
+    # the probe listener, which no data-plane load reaches (service/api/probes.py)
     assert all(_port_number(container, p["port"]) == PROBE_PORT for p in probes.values())
     startup = container["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 300  # room for a model load
@@ -691,7 +691,7 @@ def test_a_built_wheel_holds_every_module(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         packaged = set(archive.namelist())
     assert modules - packaged == set()
-    assert {"weights/imagenet_classes.txt", "service/static/index.html"} <= packaged
+    assert {"weights/imagenet_classes.txt", "service/api/static/index.html"} <= packaged
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from scipy.spatial.distance import jensenshannon
 
-from service.agreement import branch_agreement
+from service.inference.agreement import branch_agreement
 from tests.photos import encode, photo
 
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "camera", "hubble_deep_field")

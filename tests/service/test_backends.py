@@ -14,9 +14,9 @@ import timm
 import torch
 
 from model import CrossViT, create_model, list_variants
-from service.backends import Built, Probe, build_openvino, build_torch, cache_key, resolve_backend
-from service.backends.openvino_runtime import convert_cached, modes_for
 from service.settings import Settings
+from service.worker.backends import Built, Probe, build_openvino, build_torch, cache_key, resolve_backend
+from service.worker.backends.openvino_runtime import convert_cached, modes_for
 
 VARIANT = "crossvit_tiny_240"
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from service.batcher import Batcher, Pending
+from service.inference.batcher import Batcher, Pending
 
 PIXELS = torch.zeros(3, 4, 4)
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin (installed with Starlette) runs the coroutines

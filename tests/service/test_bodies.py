@@ -27,9 +27,9 @@ from pydantic import ValidationError
 from service.app import create_app
 from service.cli import uvicorn_config
 from service.errors import BadRequestError
-from service.formparts import FormImages
-from service.jsonimages import JsonImagesScanner
 from service.settings import Settings
+from service.uploads.formparts import FormImages
+from service.uploads.jsonimages import JsonImagesScanner
 from tests.conftest import TEST_VARIANT, Reference, start_cli, until, wait_ready
 
 MiB = 1 << 20

@@ -1,5 +1,5 @@
 """One client's sockets must not take the pod out: the probe listener, the connection cap, request-head
-deadlines and size caps (service/connections.py, service/probes.py), against the real CLI server.
+deadlines and size caps (service/api/connections.py, service/api/probes.py), against the real CLI server.
 
 Before: 1024 idle connections filled uvicorn's limit, and /healthz and /readyz answered 503 (plain text)
 at once, for as long as the client kept its sockets; a 64 MiB header value was buffered whole.
@@ -18,8 +18,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from service.api.probes import STALL_AFTER_S, Heartbeat, ProbeServer
 from service.metrics import Metrics
-from service.probes import STALL_AFTER_S, Heartbeat, ProbeServer
 from tests.conftest import CliServer, Reference, start_cli
 from tests.service.test_bodies import connect, read_reply, send_head
 

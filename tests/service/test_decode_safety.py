@@ -26,7 +26,7 @@ from PIL import Image
 
 from model.variants import get_variant
 from service.errors import ImageTooLargeError, InvalidImageError, UnsupportedMediaTypeError
-from service.preprocess import (
+from service.imaging.preprocess import (
     DECODE_BYTES_PER_PIXEL,
     MAX_TIFF_BLOCKS,
     DecodeCancelled,
@@ -221,7 +221,7 @@ def test_a_16_bit_image_decodes_within_its_estimate(tmp_path: Path) -> None:
     script = (
         "import re, sys\n"
         "from model.variants import get_variant\n"
-        "from service.preprocess import InputSpec, preprocess\n"
+        "from service.imaging.preprocess import InputSpec, preprocess\n"
         "def hwm(): return int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024\n"
         "spec = InputSpec.from_variant(get_variant('crossvit_tiny_240'))\n"
         "data = open(sys.argv[1], 'rb').read()\n"

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from model.runtime import Mode
-from service.backends.pytorch_runtime import choose_mode
-from service.devices import plan_workers, usable_cpus
+from service.inference.placement import plan_workers, usable_cpus
+from service.worker.backends.pytorch_runtime import choose_mode
 from tests.conftest import Reference, run_server
 from tests.photos import encode, photo
 from tests.service.test_api import _served_logits, _timm_logits

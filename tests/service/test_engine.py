@@ -23,9 +23,9 @@ import httpx
 import pytest
 
 from model.variants import get_variant
-from service.assembly import engine_config
-from service.engine import Classification, Engine
-from service.loading import load_weights
+from service.inference.assembly import engine_config
+from service.inference.engine import Classification, Engine
+from service.inference.loading import load_weights
 from service.metrics import Metrics
 from tests.conftest import (
     BACKENDS,
@@ -203,7 +203,7 @@ def test_a_client_that_leaves_is_dropped_quietly(one_worker: str, caplog: pytest
 
 
 def test_the_engine_starts_and_classifies_without_http(reference: Reference, tmp_path: Path) -> None:
-    """The engine is assembled from settings alone (service/assembly.py): no app, no HTTP, the real workers."""
+    """The engine is assembled from settings alone (service/inference/assembly.py): no app, no HTTP, real workers."""
     settings = server_settings(weights=str(reference.checkpoint), backend="torch", precision="fp32", workers=1,
                                threads_per_worker=1)
     weights = load_weights(settings, tmp_path)

@@ -16,7 +16,7 @@ import torch
 
 from model.runtime import Mode, prepare
 from model.variants import create_model
-from service.backends import GUARD_COSINE, Probe, build_torch
+from service.worker.backends import GUARD_COSINE, Probe, build_torch
 from tests.conftest import TEST_VARIANT, Reference, engine_of, run_server, until
 from tests.service.serving import classify
 

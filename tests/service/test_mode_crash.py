@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from model.variants import create_model
-from service.backends import Probe, build_openvino, build_torch, cache_key
-from service.backends.openvino_runtime import modes_for
 from service.settings import Settings
+from service.worker.backends import Probe, build_openvino, build_torch, cache_key
+from service.worker.backends.openvino_runtime import modes_for
 from tests.conftest import TEST_VARIANT, Reference, run_server
 from tests.photos import encode, photo
 
@@ -42,7 +42,7 @@ def test_every_openvino_mode_crashing_falls_back_to_pytorch(
     """auto: bf16 (where the CPU has it) aborts, then OpenVINO fp32 aborts; the third start serves on PyTorch."""
     crashing = modes_for("auto")  # what auto tries on this CPU, fastest first
     abort = [f"openvino/{mode}" for mode in crashing]
-    with caplog.at_level(logging.WARNING, logger="service.workers"), run_server(
+    with caplog.at_level(logging.WARNING, logger="service.inference.pool"), run_server(
         weights=str(reference.checkpoint), workers=1, threads_per_worker=1, precision="auto",
         test_abort_modes=",".join(abort),
     ) as url:

@@ -1,4 +1,4 @@
-"""`service.preprocess` on real photos: exact parity with timm's eval transform, every refusal, every pixel mode."""
+"""`service.imaging.preprocess` on real photos: parity with timm's eval transform, every refusal, every pixel mode."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from model.variants import get_variant
 from service.errors import ImageTooLargeError, InvalidImageError, ServiceError, UnsupportedMediaTypeError
-from service.preprocess import (
+from service.imaging.preprocess import (
     ALLOWED_FORMATS,
     BACKGROUND,
     MAX_RESIZE_ASPECT,
@@ -447,7 +447,7 @@ def test_an_extreme_aspect_ratio_costs_no_more_than_a_crop(size: tuple[int, int]
     script = (
         "import re, sys\n"
         "from model.variants import get_variant\n"
-        "from service.preprocess import InputSpec, preprocess\n"
+        "from service.imaging.preprocess import InputSpec, preprocess\n"
         "spec = InputSpec.from_variant(get_variant('crossvit_tiny_240'))\n"
         "result = preprocess(open(sys.argv[1], 'rb').read(), spec, max_pixels=40_000_000)\n"
         f"assert result.pixels.isfinite().all() and (result.width, result.height) == {size}\n"

@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from model.variants import create_model
-from service import workers
-from service.backends import GUARD_COSINE, Probe, build_torch
-from service.watchdog import InferenceTimes, WatchdogConfig
-from service.workers import shared_threads
+from service.inference import pool
+from service.inference.pool import shared_threads
+from service.inference.watchdog import InferenceTimes, WatchdogConfig
+from service.worker.backends import GUARD_COSINE, Probe, build_torch
 from tests.conftest import TEST_VARIANT, Reference, engine_of, run_server, until, wait_ready
 from tests.service.serving import batches, classify, metric, ready_status, stopped
 
@@ -78,7 +78,7 @@ def test_sigstopped_workers_turn_readyz_503_within_the_watchdog_time_and_recover
 ) -> None:
     floor_s = 1.0
     with _server(reference, workers=2, watchdog_floor_s=floor_s, watchdog_multiplier=2) as url, \
-            caplog.at_level(logging.INFO, logger="service.workers"), ThreadPoolExecutor(1) as pool:
+            caplog.at_level(logging.INFO, logger="service.inference.pool"), ThreadPoolExecutor(1) as pool:
         # idle workers: the pings go unanswered
         first = _all_ready(url)
         with stopped(first):
@@ -160,7 +160,7 @@ def test_a_batch_whose_worker_dies_twice_fails_with_503_worker_failed(reference:
 def test_consecutive_crashes_space_the_restarts_by_a_growing_delay(
     reference: Reference, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with _server(reference, workers=1) as url, caplog.at_level(logging.INFO, logger="service.workers"):
+    with _server(reference, workers=1) as url, caplog.at_level(logging.INFO, logger="service.inference.pool"):
         engine = engine_of(url)
         for _ in range(4):  # killed again as soon as it is respawned: four crashes in a row
             pid = engine.worker_pids()[0]
@@ -183,11 +183,11 @@ def test_a_crash_loop_long_after_the_last_ready_still_backs_off(
 ) -> None:
     """A worker up past STABLE_AFTER_S, whose every later start fails (its weights file replaced): the delay
     doubles from one failed start to the next, instead of starting over from the old ready time each death."""
-    monkeypatch.setattr(workers, "STABLE_AFTER_S", 1.0)  # "long ago" without waiting a minute
+    monkeypatch.setattr(pool, "STABLE_AFTER_S", 1.0)  # "long ago" without waiting a minute
     weights = tmp_path / reference.checkpoint.name
     shutil.copy(reference.checkpoint, weights)
     with _server(reference, workers=1, weights=str(weights)) as url, \
-            caplog.at_level(logging.INFO, logger="service.workers"):
+            caplog.at_level(logging.INFO, logger="service.inference.pool"):
         engine = engine_of(url)
         threading.Event().wait(1.5)  # a successful start, up longer than STABLE_AFTER_S
         weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # every restart refuses the new file
@@ -206,7 +206,7 @@ def test_a_hung_restart_is_killed_and_classify_is_refused_at_once_meanwhile(
     answers 503 not_ready at once (not after its whole deadline), and the start watchdog kills it."""
     start_timeout_s = 10.0
     with _server(reference, workers=1, worker_start_timeout_s=start_timeout_s, request_timeout_s=30) as url, \
-            caplog.at_level(logging.INFO, logger="service.workers"):
+            caplog.at_level(logging.INFO, logger="service.inference.pool"):
         engine = engine_of(url)
         first = engine.worker_pids()[0]
         os.kill(first, signal.SIGKILL)

@@ -7,8 +7,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import serialize_byte_tensor
 
+from service.api.v2 import codec
 from service.errors import BadRequestError
-from service.v2 import codec
 
 ELEMENTS = [b"\xff\xd8jpeg bytes", b"", b"\x00" * 7]
 

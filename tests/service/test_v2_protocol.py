@@ -15,7 +15,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from model.variants import get_variant
-from service.preprocess import InputSpec, preprocess
+from service.imaging.preprocess import InputSpec, preprocess
 from tests.conftest import TEST_VARIANT
 from tests.photos import encode, photo, resized
 

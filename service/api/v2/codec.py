@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadRequestError
+from ...errors import BadRequestError
 
 __all__ = [
     "HEADER_LENGTH", "OutputTensor", "decode_bytes", "encode_bytes", "encode_response", "malformed", "split_body",

@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import error_body
-from .metrics import Metrics
+from ..errors import error_body
+from ..metrics import Metrics
 
 __all__ = ["STALL_AFTER_S", "Heartbeat", "ProbeServer", "create_probe_app"]
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from .inputs import MULTIPART_FIELD, RAW_IMAGE_TYPES
-from .settings import Settings
+from ..settings import Settings
+from ..uploads.inputs import MULTIPART_FIELD, RAW_IMAGE_TYPES
 
 __all__ = ["install"]
 

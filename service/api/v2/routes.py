@@ -19,10 +19,10 @@ from starlette.responses import Response
 from model.variants import get_variant
 from weights.labels import imagenet_labels
 
-from .. import __version__
+from ... import __version__
+from ...errors import NotReadyError
+from ...settings import Settings
 from ..deps import BodyDep, EngineDep, SettingsDep, deadline, require_api_key, until_client_leaves
-from ..errors import NotReadyError
-from ..settings import Settings
 from .codec import HEADER_LENGTH, encode_response
 from .errors import ModelNotFoundError, V2Route, error_response
 from .schemas import (

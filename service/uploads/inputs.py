@@ -1,6 +1,6 @@
 """Reading classify bodies (multipart, raw image, base64 JSON) under the byte and count caps.
 
-Each body streams through a reader that knows its shape (service.formparts, service.jsonimages),
+Each body streams through a reader that knows its shape (service.uploads.formparts, service.uploads.jsonimages),
 so the image count is checked as the body arrives and nothing is parsed twice; the CPU work
 (JSON string decoding, base64) runs in a thread, never on the event loop.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from ..errors import BadRequestError, UnsupportedMediaTypeError
 from .bodies import Body
-from .errors import BadRequestError, UnsupportedMediaTypeError
 from .formparts import FIELD as MULTIPART_FIELD
 from .formparts import FormImages
 from .jsonimages import JsonImagesScanner

@@ -9,7 +9,7 @@ front of other servers (client_header_timeout, large_client_header_buffers; Go's
 MaxHeaderBytes):
 
 - a connection past `max_connections` is answered 503 at once and closed (the probes live on their
-  own listener, service/probes.py, and never queue behind it);
+  own listener, service/api/probes.py, and never queue behind it);
 - a request head must be complete within `head_timeout_s` of the connection opening (or of its first
   byte, for the next request on a kept-alive connection), else 408 and the connection closes;
 - a head over `max_head_bytes` is answered 431 and the connection closes, before more is buffered.

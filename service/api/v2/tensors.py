@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from ..engine import Classification, Prediction
-from ..errors import BadRequestError, InvalidParameterError, PayloadTooLargeError
+from ...errors import BadRequestError, InvalidParameterError, PayloadTooLargeError
+from ...inference.engine import Classification, Prediction
 from . import codec
 from .schemas import BRANCH_LOGITS, IMAGE, LOGITS, PIXELS, InferenceRequest, RequestInput
 

@@ -21,14 +21,14 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..errors import DeadlineExceededError, NotReadyError, OverloadedError
+from ..imaging.preprocess import DecodeCancelled, InputSpec, Preprocessed, preprocess
+from ..metrics import Metrics
+from ..worker.protocol import ReplicaSpec
 from .agreement import Agreement, branch_agreement
 from .batcher import Batcher, Pending
-from .errors import DeadlineExceededError, NotReadyError, OverloadedError
-from .metrics import Metrics
-from .preprocess import DecodeCancelled, InputSpec, Preprocessed, preprocess
-from .protocol import ReplicaSpec
+from .pool import WorkerPool
 from .watchdog import WatchdogConfig
-from .workers import WorkerPool
 
 __all__ = ["Classification", "Engine", "EngineConfig", "ImageResult", "Prediction"]
 

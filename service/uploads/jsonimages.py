@@ -14,7 +14,7 @@ import json
 import re
 from enum import Enum, auto
 
-from .errors import BadRequestError, too_many_images
+from ..errors import BadRequestError, too_many_images
 from .formparts import FIELD  # the one field name both body shapes use
 
 __all__ = ["JsonImagesScanner"]

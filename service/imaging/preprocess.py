@@ -54,7 +54,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from model.variants import Variant
 
-from .errors import ImageTooLargeError, InvalidImageError, UnsupportedMediaTypeError
+from ..errors import ImageTooLargeError, InvalidImageError, UnsupportedMediaTypeError
 
 __all__ = [
     "ALLOWED_FORMATS",

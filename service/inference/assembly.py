@@ -16,16 +16,16 @@ import torch
 from model.variants import Variant, get_variant
 from weights.labels import imagenet_labels
 
-from .backends import BackendChoice, resolve_backend
-from .devices import plan_workers, usable_cpus
+from ..imaging.preprocess import InputSpec
+from ..settings import Settings
+from ..worker.backends import BackendChoice, resolve_backend
+from ..worker.main import build_backend
+from ..worker.protocol import ReplicaSpec
 from .engine import EngineConfig
 from .loading import LoadedWeights, WeightsError, load_weights
-from .preprocess import InputSpec
-from .protocol import ReplicaSpec
-from .replica import build_backend
-from .settings import Settings
+from .placement import plan_workers, usable_cpus
+from .pool import shared_threads
 from .watchdog import WatchdogConfig
-from .workers import shared_threads
 
 __all__ = ["engine_config", "model_cache_dir", "prepare"]
 

@@ -20,7 +20,7 @@ from model.variants import get_variant
 from weights.resolve import resolve_weights
 from weights.store import MANIFEST_NAME
 
-from .settings import Settings, env_name
+from ..settings import Settings, env_name
 
 __all__ = ["LoadedWeights", "WeightsError", "load_weights"]
 

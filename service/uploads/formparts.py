@@ -11,7 +11,7 @@ from __future__ import annotations
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from .errors import BadRequestError, too_many_images
+from ..errors import BadRequestError, too_many_images
 
 __all__ = ["FIELD", "FormImages", "Part"]
 

@@ -14,8 +14,8 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import internal_error
-from .metrics import Metrics
+from ..errors import internal_error
+from ..metrics import Metrics
 
 __all__ = ["RequestContext"]
 

@@ -25,7 +25,7 @@ HEADERS = {
 
 def router() -> APIRouter:
     """Routes for the page and its assets, read from the package once, when the app is built."""
-    static = files("service") / "static"
+    static = files("service.api") / "static"
     page = APIRouter(include_in_schema=False)
 
     def add(path: str, name: str) -> None:

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from starlette.requests import ClientDisconnect, Request
 
-from .errors import OverloadedError, PayloadTooLargeError, ServiceError
+from ..errors import OverloadedError, PayloadTooLargeError, ServiceError
 
 __all__ = ["Body", "BodyTimeouts", "BodyTimeoutError", "UploadBudget", "bounded_body", "declared_length"]
 

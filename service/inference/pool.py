@@ -26,11 +26,11 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from . import replica
+from ..errors import WorkerFailedError
+from ..metrics import Metrics
+from ..worker import main as worker_main
+from ..worker.protocol import Done, Failed, Fatal, Ping, Pong, Ready, ReplicaSpec, Run, Slots, Stop, ToParent, Trying
 from .batcher import Pending, WorkerOutput
-from .errors import WorkerFailedError
-from .metrics import Metrics
-from .protocol import Done, Failed, Fatal, Ping, Pong, Ready, ReplicaSpec, Run, Slots, Stop, ToParent, Trying
 from .watchdog import InferenceTimes, WatchdogConfig
 
 __all__ = ["WorkerPool", "WorkerState", "shared_threads"]
@@ -214,7 +214,7 @@ class WorkerPool:
         worker.trying = None
         parent_conn, child_conn = self._ctx.Pipe()
         process = self._ctx.Process(
-            target=replica.main,
+            target=worker_main.main,
             args=(worker.spec, child_conn, worker.slots),
             name=f"crossvit-worker-{worker.spec.worker_id}",
             daemon=True,  # never outlive the server

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from ..errors import InvalidParameterError, ServiceError
+from ...errors import InvalidParameterError, ServiceError
 
 __all__ = ["ModelNotFoundError", "V2Route", "error_response"]
 

@@ -15,12 +15,12 @@ from typing import Annotated, Any, TypedDict, TypeVar
 from fastapi import Depends, Request
 from starlette.requests import ClientDisconnect
 
-from .bodies import Body, BodyTimeouts, UploadBudget, bounded_body
-from .engine import Engine
-from .errors import UnauthorizedError
-from .loading import LoadedWeights
-from .metrics import Metrics
-from .settings import Settings
+from ..errors import UnauthorizedError
+from ..inference.engine import Engine
+from ..inference.loading import LoadedWeights
+from ..metrics import Metrics
+from ..settings import Settings
+from ..uploads.bodies import Body, BodyTimeouts, UploadBudget, bounded_body
 
 __all__ = [
     "AppState", "BodyDep", "EngineDep", "SettingsDep", "deadline", "require_api_key", "until_client_leaves"

@@ -1,6 +1,6 @@
 """HTTP routes: /v1/classify, /v1/models, and the operational /healthz, /readyz, /metrics.
 
-What /v1 and /v2 share (the app's state, the body, the key, deadlines) is service/deps.py.
+What /v1 and /v2 share (the app's state, the body, the key, deadlines) is service/api/deps.py.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..errors import InvalidParameterError, error_body
+from ..schemas import ClassifyJSON, ClassifyResponse, ErrorResponse, Health, ModelCard, Readiness
+from ..uploads.inputs import MULTIPART_FIELD, RAW_IMAGE_TYPES, read_images
 from .deps import BodyDep, EngineDep, SettingsDep, deadline, require_api_key, until_client_leaves
-from .errors import InvalidParameterError, error_body
-from .inputs import MULTIPART_FIELD, RAW_IMAGE_TYPES, read_images
-from .schemas import ClassifyJSON, ClassifyResponse, ErrorResponse, Health, ModelCard, Readiness
 
 __all__ = ["router"]
 
@@ -27,7 +27,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_errors(401))
 
-_BINARY = {"schema": {"type": "string", "format": "binary", "minLength": 1}}  # maxLength: service.openapi
+_BINARY = {"schema": {"type": "string", "format": "binary", "minLength": 1}}  # maxLength: service.api.openapi
 _CLASSIFY_BODY = {
     "requestBody": {
         "required": True,
@@ -38,7 +38,7 @@ _CLASSIFY_BODY = {
                     "type": "object",
                     "properties": {MULTIPART_FIELD: {
                         "type": "array", "minItems": 1, "items": {"type": "string", "format": "binary", "minLength": 1}
-                    }},  # maxItems: service.openapi
+                    }},  # maxItems: service.api.openapi
                     "required": [MULTIPART_FIELD],
                 }
             },

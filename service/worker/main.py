@@ -1,6 +1,6 @@
 """The worker process: one model replica on its backend, fed batches through shared-memory slots.
 
-What crosses the pipe, and why, is service/protocol.py: `Run` in, `Done` out, slots in shared memory
+What crosses the pipe, and why, is service/worker/protocol.py: `Run` in, `Done` out, slots in shared memory
 between; `Trying` before each compute mode it starts, so that a native crash no guard can catch
 names the mode the parent skips from then on.
 """
