@@ -93,10 +93,11 @@ class ImageTooLargeError(PayloadTooLargeError):
     code = "image_too_large"
 
 
-def too_many_images(limit: int) -> PayloadTooLargeError:
-    """The refusal of the image past `limit`, raised by the body readers as soon as it arrives."""
-    return PayloadTooLargeError(f"more than {limit} images in one request; the limit is {limit}",
-                                code="too_many_images")
+def too_many_images(limit: int, count: int | None = None) -> PayloadTooLargeError:
+    """The refusal of a request over `limit` images: `count` when declared up front (a /v2 shape), else
+    raised by the body readers as soon as the image past the limit arrives."""
+    said = f"{count}" if count is not None else f"more than {limit}"
+    return PayloadTooLargeError(f"{said} images in one request; the limit is {limit}", code="too_many_images")
 
 
 class UnsupportedMediaTypeError(ServiceError):
@@ -158,16 +159,19 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+def validation_message(exc: RequestValidationError) -> str:
+    """Every problem FastAPI found in a request's parameters, `where: what`, on one line (/v1 and /v2)."""
     problems = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "header", "path"))
         problems.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(problems) or "invalid parameters"
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
     request.state.error_code = InvalidParameterError.code
-    return JSONResponse(
-        error_body(InvalidParameterError.code, "; ".join(problems) or "invalid parameters"), status_code=422
-    )
+    return JSONResponse(error_body(InvalidParameterError.code, validation_message(exc)), status_code=422)
 
 
 async def _client_disconnect(request: Request, exc: Exception) -> Response:

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["ENV_PREFIX", "Settings", "describe_validation_error", "env_name"]
+__all__ = ["ENV_PREFIX", "Settings", "describe_validation_error", "env_name", "openvino_conflict"]
 
 ENV_PREFIX = "CROSSVIT_"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -155,10 +155,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.backend == "openvino" and self.device.startswith("cuda"):
-            raise ValueError("backend openvino runs CPU workers only; use torch (or auto) with a CUDA device")
-        if self.backend == "openvino" and self.precision == "fp16":
-            raise ValueError("backend openvino runs fp32 or bf16; fp16 needs the torch backend")
+        if self.backend == "openvino" and (problem := openvino_conflict(self.device, self.precision)):
+            raise ValueError(problem)
         if self.max_images_per_request > self.max_queue:
             raise ValueError(
                 f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queue "
@@ -170,6 +168,16 @@ class Settings(BaseSettings):
                 f"({self.max_upload_bytes}), or a body at the limit could never be read"
             )
         return self
+
+
+def openvino_conflict(device: str, precision: str) -> str | None:
+    """Why the OpenVINO backend cannot run this device or precision, or None: the one rule, checked on the
+    settings and again on each worker's placement (`device=auto` may place a worker on a GPU)."""
+    if device.startswith("cuda"):
+        return "backend openvino runs CPU workers only; use torch (or auto) with a CUDA device"
+    if precision == "fp16":
+        return "backend openvino runs fp32 or bf16; fp16 needs the torch backend"
+    return None
 
 
 def env_name(field: str) -> str:

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import error_body
+from ..errors import NotReadyError, error_body
 from ..metrics import Metrics
 
 __all__ = ["STALL_AFTER_S", "Heartbeat", "ProbeServer", "create_probe_app"]
@@ -70,10 +70,14 @@ def create_probe_app(app: FastAPI, metrics: Metrics) -> Starlette:
 
     async def readyz(request: Request) -> Response:
         engine = getattr(app.state, "engine", None)
-        ready, reason = (False, "starting: the model is loading") if engine is None else engine.readiness()
-        reason = stalled() or reason
-        if not ready or stalled():
-            return JSONResponse(error_body("not_ready", reason), status_code=503, headers={"Retry-After": "1"})
+        try:
+            if engine is None:
+                raise NotReadyError("starting: the model is loading", headers={"Retry-After": "1"})
+            reason = engine.require_ready()
+            if late := stalled():
+                raise NotReadyError(late, headers={"Retry-After": "1"})
+        except NotReadyError as exc:  # no exception handlers on this small app: rendered here
+            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         return JSONResponse({"ready": True, "reason": reason})
 
     async def metrics_route(request: Request) -> Response:

@@ -9,10 +9,9 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..errors import InvalidParameterError, error_body
+from ..errors import InvalidParameterError
 from ..schemas import ClassifyJSON, ClassifyResponse, ErrorResponse, Health, ModelCard, Readiness
 from ..uploads.inputs import MULTIPART_FIELD, RAW_IMAGE_TYPES, read_images
 from .deps import BodyDep, EngineDep, SettingsDep, deadline, require_api_key, until_client_leaves
@@ -126,10 +125,7 @@ async def healthz() -> dict[str, str]:
     summary="Readiness: weights loaded, a worker warmed up and free to take work, not draining",
 )
 async def readyz(engine: EngineDep) -> Any:
-    ready, reason = engine.readiness()
-    if not ready:
-        return JSONResponse(error_body("not_ready", reason), status_code=503, headers={"Retry-After": "1"})
-    return {"ready": True, "reason": reason}
+    return {"ready": True, "reason": engine.require_ready()}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -189,6 +189,13 @@ class Engine:
             return False, f"no worker can take work yet ({', '.join(states)})"
         return True, f"{ready} worker(s) ready"
 
+    def require_ready(self) -> str:
+        """The readiness reason, or NotReadyError (503, Retry-After: 1): every readiness route's one rule."""
+        ready, reason = self.readiness()
+        if not ready:
+            raise NotReadyError(reason, headers={"Retry-After": "1"})
+        return reason
+
     def worker_pids(self) -> dict[int, int]:
         """Worker id -> pid, for supervision and tests; no route serves it."""
         return self._pool.pids()

@@ -45,17 +45,18 @@ async def _multipart(request: Request, body: Body, max_images: int) -> list[Uplo
     return uploads
 
 
+def decode_base64_image(text: str, *, name: str, index: int, data_uri: bool = True) -> bytes:
+    """One image sent as standard base64 (/v1 JSON; /v2 BYTES elements, strict: `data_uri=False`);
+    `data_uri` also takes a `data:image/...;base64,` prefix and whitespace. 400 invalid_base64 names it."""
+    encoded = "".join(_DATA_URI.sub("", text.strip(), count=1).split()) if data_uri else text
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequestError(f"{name} is not valid standard base64", code="invalid_base64", index=index) from None
+
+
 def _decode_base64(strings: list[str]) -> list[Upload]:
-    uploads: list[Upload] = []
-    for index, text in enumerate(strings):
-        encoded = "".join(_DATA_URI.sub("", text.strip(), count=1).split())
-        try:
-            uploads.append(Upload(None, base64.b64decode(encoded, validate=True)))
-        except (binascii.Error, ValueError):
-            raise BadRequestError(
-                f"images[{index}] is not valid standard base64", code="invalid_base64", index=index
-            ) from None
-    return uploads
+    return [Upload(None, decode_base64_image(text, name=f"images[{i}]", index=i)) for i, text in enumerate(strings)]
 
 
 async def _json(body: Body, max_images: int) -> list[Upload]:

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from ...errors import InvalidParameterError, ServiceError
+from ...errors import InvalidParameterError, ServiceError, validation_message
 
 __all__ = ["ModelNotFoundError", "V2Route", "error_response"]
 
@@ -34,14 +34,6 @@ def error_response(status: int, message: str, headers: Mapping[str, str] | None 
     return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    problems = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "header", "path"))
-        problems.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(problems) or "invalid parameters"
-
-
 class V2Route(APIRoute):
     """An APIRoute whose errors, dependencies' included, answer in the protocol's error shape."""
 
@@ -56,7 +48,7 @@ class V2Route(APIRoute):
                 return error_response(exc.status, exc.message, exc.headers)
             except RequestValidationError as exc:  # a header or path parameter out of range: 422 as in /v1
                 request.state.error_code = InvalidParameterError.code
-                return error_response(422, _validation_message(exc))
+                return error_response(422, validation_message(exc))
             except StarletteHTTPException as exc:
                 request.state.error_code = "http_error"
                 detail = exc.detail if isinstance(exc.detail, str) else "request failed"

@@ -20,7 +20,6 @@ from model.variants import get_variant
 from weights.labels import imagenet_labels
 
 from ... import __version__
-from ...errors import NotReadyError
 from ...settings import Settings
 from ..deps import BodyDep, EngineDep, SettingsDep, deadline, require_api_key, until_client_leaves
 from .codec import HEADER_LENGTH, encode_response
@@ -95,9 +94,7 @@ def router(settings: Settings) -> APIRouter:
         return metadata
 
     async def model_ready(engine: EngineDep) -> dict[str, Any]:
-        is_ready, reason = engine.readiness()
-        if not is_ready:
-            raise NotReadyError(reason, headers={"Retry-After": "1"})
+        engine.require_ready()
         return {"name": name, "ready": True}
 
     async def infer(
@@ -160,9 +157,7 @@ def router(settings: Settings) -> APIRouter:
     @r.get("/v2/health/ready", response_model=Ready, responses=_errors(503),
            summary="Readiness: a worker is warmed up and free to take work")
     async def ready(engine: EngineDep) -> dict[str, bool]:
-        is_ready, reason = engine.readiness()
-        if not is_ready:
-            raise NotReadyError(reason, headers={"Retry-After": "1"})
+        engine.require_ready()
         return {"ready": True}
 
     @r.get("/v2", response_model=ServerMetadata, dependencies=keyed, summary="Server metadata")

@@ -6,8 +6,6 @@ in a thread, so a large body never blocks the event loop.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,8 +14,9 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from ...errors import BadRequestError, InvalidParameterError, PayloadTooLargeError
+from ...errors import BadRequestError, InvalidParameterError, PayloadTooLargeError, too_many_images
 from ...inference.engine import Classification, Prediction
+from ...uploads.inputs import decode_base64_image
 from . import codec
 from .schemas import BRANCH_LOGITS, IMAGE, LOGITS, PIXELS, InferenceRequest, RequestInput
 
@@ -102,9 +101,7 @@ def _count(tensor: RequestInput, limits: Limits) -> int:
     if count == 0:
         raise BadRequestError(f"input '{tensor.name}' holds no images (shape {tensor.shape})", code="no_images")
     if count > limits.max_images:
-        raise PayloadTooLargeError(
-            f"{count} images in one request; the limit is {limits.max_images}", code="too_many_images"
-        )
+        raise too_many_images(limits.max_images, count)
     return count
 
 
@@ -141,12 +138,8 @@ def _images(tensor: RequestInput, raw: bytes | None, limits: Limits) -> list[byt
     for index, element in enumerate(elements):
         if not isinstance(element, str):
             raise _bad(f"input '{IMAGE}' element {index} must be a base64 string in JSON")
-        try:
-            images.append(base64.b64decode(element, validate=True))
-        except (binascii.Error, ValueError):
-            raise BadRequestError(
-                f"input '{IMAGE}' element {index} is not valid standard base64", code="invalid_base64", index=index
-            ) from None
+        images.append(decode_base64_image(element, name=f"input '{IMAGE}' element {index}", index=index,
+                                          data_uri=False))
     return images
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...settings import openvino_conflict
 from .base import (
     EXACT_COSINE,
     EXACT_REL_ERR,
@@ -57,10 +58,8 @@ def resolve_backend(setting: str, device: str, precision: str) -> BackendChoice:
     if setting == "torch":
         return BackendChoice("torch", "CROSSVIT_BACKEND=torch", fallback=False)
     if setting == "openvino":
-        if on_cuda:
-            raise ValueError("CROSSVIT_BACKEND=openvino runs on CPU workers only; use torch (or auto) for CUDA")
-        if precision == "fp16":
-            raise ValueError("CROSSVIT_BACKEND=openvino runs fp32 or bf16 on CPU, not CROSSVIT_PRECISION=fp16")
+        if problem := openvino_conflict(device, precision):
+            raise ValueError(f"CROSSVIT_BACKEND=openvino: {problem}")
         if not openvino_available():
             raise ValueError("CROSSVIT_BACKEND=openvino but the openvino package is not installed")
         return BackendChoice("openvino", "CROSSVIT_BACKEND=openvino", fallback=False)
