@@ -13,42 +13,26 @@ import functools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Protocol
 
-from torch import Tensor
+from .items import Pending
 
-__all__ = ["Batcher", "ImageQueue", "Pending", "WorkerOutput"]
-
-
-@dataclass(frozen=True)
-class WorkerOutput:
-    """What a worker produced for one image."""
-
-    logits: Tensor  # (2, C): branch 0 and branch 1
-    queue_s: float
-    inference_s: float
-    batch_size: int
-
-
-@dataclass(eq=False)
-class Pending:
-    """One image waiting for a worker; its request awaits `future`. Compared by identity, and its
-    repr leaves the pixels out: a queue looks items up (deque.remove), and a failed lookup formats
-    its item into the error (a 3x240x240 tensor repr, milliseconds of the event loop)."""
-
-    pixels: Tensor = field(repr=False)  # (3, H, W): branch 0's input; the worker derives branch 1's
-    future: asyncio.Future[WorkerOutput]
-    enqueued_at: float = field(default_factory=time.monotonic)
-    attempts: int = 0  # dispatches so far; a worker crash allows one retry
+__all__ = ["Batcher", "ImageQueue"]
 
 
 class ImageQueue:
-    """FIFO of pending images (bounded by admission, see Engine); retries go to the front."""
+    """FIFO of pending images (bounded by admission, see Engine); retries go to the front. `changed` is
+    what the batcher waits on: set by the queue itself and, through `poke`, by the pool when a worker's
+    availability changes. The engine makes the queue first and hands it to both, so neither needs the other
+    to exist first."""
 
-    def __init__(self, on_change: Callable[[], None]) -> None:
+    def __init__(self) -> None:
         self._items: deque[Pending] = deque()
-        self._on_change = on_change
+        self.changed = asyncio.Event()
+
+    def poke(self) -> None:
+        """Something the batching policy reads changed: queue contents or worker availability."""
+        self.changed.set()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -57,11 +41,11 @@ class ImageQueue:
         for item in items:
             self._items.append(item)
             item.future.add_done_callback(functools.partial(self._drop_if_abandoned, item))
-        self._on_change()
+        self.poke()
 
     def put_front(self, items: list[Pending]) -> None:
         self._items.extendleft(reversed(items))
-        self._on_change()
+        self.poke()
 
     def _drop_if_abandoned(self, item: Pending, _: object = None) -> None:
         # Deadline passed or client gone: leave the queue now, not when a batch forms.
@@ -70,7 +54,7 @@ class ImageQueue:
                 self._items.remove(item)
             except ValueError:
                 pass  # already dispatched
-            self._on_change()
+            self.poke()
 
     def oldest_enqueued_at(self) -> float:
         return self._items[0].enqueued_at
@@ -95,25 +79,25 @@ class WorkerCapacity(Protocol):
 class Batcher:
     """Forms batches from the queue and hands them to the worker pool, forever."""
 
-    def __init__(self, pool: WorkerCapacity, *, max_batch_size: int, max_batch_delay_s: float) -> None:
+    def __init__(
+        self, pool: WorkerCapacity, *, max_batch_size: int, max_batch_delay_s: float, queue: ImageQueue | None = None
+    ) -> None:
         self._pool = pool
         self._max = max_batch_size
         self._delay_s = max_batch_delay_s
-        self._changed = asyncio.Event()
-        self.queue = ImageQueue(on_change=self.wake)
+        self.queue = queue if queue is not None else ImageQueue()
 
     def wake(self) -> None:
-        """Something the policy reads changed: queue contents or worker availability."""
-        self._changed.set()
+        self.queue.poke()
 
     async def _until(self, predicate: Callable[[], bool], deadline: float | None = None) -> bool:
         while not predicate():
-            self._changed.clear()
+            self.queue.changed.clear()
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 return False
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                await asyncio.wait_for(self.queue.changed.wait(), timeout)
             except asyncio.TimeoutError:  # the builtin TimeoutError only from 3.11
                 return predicate()
         return True

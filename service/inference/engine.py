@@ -26,7 +26,8 @@ from ..imaging.preprocess import DecodeCancelled, InputSpec, Preprocessed, prepr
 from ..metrics import Metrics
 from ..worker.protocol import ReplicaSpec
 from .agreement import Agreement, branch_agreement
-from .batcher import Batcher, Pending
+from .batcher import Batcher, ImageQueue
+from .items import Pending
 from .pool import WorkerPool
 from .watchdog import WatchdogConfig
 
@@ -138,19 +139,21 @@ class Engine:
         self._idle.set()
         self._draining = False
         self._executor = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
+        queue = ImageQueue()  # first: the pool requeues into it and pokes it, the batcher drains it
         self._pool = WorkerPool(
             config.replicas,
             input_size=config.input_spec.crop_size,
             num_classes=len(config.labels),
             metrics=metrics,
-            wake=lambda: self._batcher.wake(),
-            requeue=lambda items: self._batcher.queue.put_front(items),
+            wake=queue.poke,
+            requeue=queue.put_front,
             on_done=self._rate.record,
             cpu_budget=config.cpu_budget,
             watchdog=config.watchdog,
         )
         self._batcher = Batcher(
-            self._pool, max_batch_size=config.max_batch_size, max_batch_delay_s=config.max_batch_delay_ms / 1000
+            self._pool, max_batch_size=config.max_batch_size, max_batch_delay_s=config.max_batch_delay_ms / 1000,
+            queue=queue,
         )
         self._batcher_task: asyncio.Task[None] | None = None
         metrics.queue_depth.set_function(lambda: len(self._batcher.queue))

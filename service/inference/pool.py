@@ -30,7 +30,7 @@ from ..errors import WorkerFailedError
 from ..metrics import Metrics
 from ..worker import main as worker_main
 from ..worker.protocol import Done, Failed, Fatal, Ping, Pong, Ready, ReplicaSpec, Run, Slots, Stop, ToParent, Trying
-from .batcher import Pending, WorkerOutput
+from .items import Pending, WorkerOutput
 from .watchdog import InferenceTimes, WatchdogConfig
 
 __all__ = ["WorkerPool", "WorkerState", "shared_threads"]

@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from service.inference.batcher import Batcher, Pending
+from service.inference.batcher import Batcher
+from service.inference.items import Pending
 
 PIXELS = torch.zeros(3, 4, 4)
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin (installed with Starlette) runs the coroutines
