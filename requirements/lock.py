@@ -150,8 +150,19 @@ def _compile(uv: str, requirements: Iterable[str], extra_args: Sequence[str], wo
     )
 
 
+def _resolve_uv(uv: str) -> str:
+    """An absolute path: uv runs in a temporary folder."""
+    return str(Path(uv).resolve()) if os.sep in uv else shutil.which(uv) or uv
+
+
+def requirement_lines(pins: Iterable[Pin]) -> str:
+    """Pins as a hash-checked requirements file (`name==version ; marker --hash=...`), e.g. a lock's subset."""
+    return "".join(f"{p.name}=={p.version}" + (f" ; {p.marker}" if p.marker else "")
+                   + "".join(f" --hash={h}" for h in p.hashes) + "\n" for p in pins)
+
+
 def lock(uv: str) -> None:
-    uv = str(Path(uv).resolve()) if os.sep in uv else shutil.which(uv) or uv  # uv runs in a temporary folder
+    uv = _resolve_uv(uv)
     data = inputs()
     with tempfile.TemporaryDirectory(prefix="crossvit-lock-") as tmp:
         work = Path(tmp)
@@ -199,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="rewrite pip.txt alone (after raising installer.in), leaving the locks' pins as they are")
     args = parser.parse_args(argv)
     if args.installer_only:
-        lock_installer(str(Path(args.uv).resolve()) if os.sep in args.uv else shutil.which(args.uv) or args.uv)
+        lock_installer(_resolve_uv(args.uv))
     else:
         lock(args.uv)
     return 0

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CARRY = ROOT / "bench" / "gpu" / "carry"
 sys.path.insert(0, str(ROOT / "requirements"))
 
-from lock import parse  # noqa: E402
+from lock import parse, requirement_lines  # noqa: E402
 
 # Imported by the service, its tests or LitServe, and not on the lent machines.
 PACKAGES = {
@@ -39,8 +39,7 @@ def requirements(lock: Path) -> str:
     missing = PACKAGES - {p.name for p in pins}
     if missing:
         sys.exit(f"not in {lock.name}: {sorted(missing)}")
-    return "".join(f"{p.name}=={p.version}" + (f" ; {p.marker}" if p.marker else "")
-                   + "".join(f" --hash={h}" for h in p.hashes) + "\n" for p in pins)
+    return requirement_lines(pins)
 
 
 def main() -> int:

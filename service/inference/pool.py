@@ -5,7 +5,7 @@ sentinel on the event loop; images it held are retried once elsewhere or failed 
 retryable 503, and it is restarted with exponential backoff. A worker that hangs instead (a
 batch running far past its measured time, or an idle worker not answering a ping) is marked
 hung by the watchdog and killed, which takes the same path. Readiness reads `ready_count`.
-A worker that dies while starting a compute mode (it said ("trying", mode) and never got ready)
+A worker that dies while starting a compute mode (it sent `Trying(mode)` and never got ready)
 was killed by that mode, not by bad luck: every later start, of any worker, skips it (bf16, then
 fp32 OpenVINO, then PyTorch), so a crash that depends on the CPU cannot keep the service unready.
 """
@@ -81,7 +81,6 @@ class _Worker:
     info: dict[str, Any] = field(default_factory=dict)
     restarts: int = 0
     crashes_in_row: int = 0  # deaths since its last successful start (up STABLE_AFTER_S): the backoff's exponent
-    ready_at: float | None = None  # when it was last ready (kept across deaths: it has served before)
     spawned_at: float = 0.0
     up_since: float | None = None  # ready and alive since; None while starting or dead
     last_start_s: float | None = None  # how long its last successful start took
@@ -283,9 +282,7 @@ class WorkerPool:
         worker.last_heard = time.monotonic()
         match message:
             case Ready(info):
-                worker.state, worker.info, worker.ready_at, worker.last_error, worker.trying = (
-                    WorkerState.READY, info, worker.last_heard, None, None
-                )
+                worker.state, worker.info, worker.last_error, worker.trying = WorkerState.READY, info, None, None
                 worker.up_since, worker.back_by = worker.last_heard, None
                 worker.last_start_s = worker.last_heard - worker.spawned_at
                 if "warm_up_s" in info:
@@ -389,7 +386,7 @@ class WorkerPool:
 
     # -- the watchdog ---------------------------------------------------------------------------
     async def _watch(self) -> None:
-        """Look at every ready worker a few times per floor period; kill the ones that hang."""
+        """Look at every ready or starting worker a few times per floor period; kill the ones that hang."""
         while True:
             await asyncio.sleep(self._watchdog.scan_interval_s)
             for worker in self._workers:

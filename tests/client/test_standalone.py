@@ -23,7 +23,7 @@ from tests.client.helpers import write_photos
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "requirements"))
 
-from lock import parse  # noqa: E402
+from lock import parse, requirement_lines  # noqa: E402
 
 measured = logging.getLogger("tests.measured")
 # httpx, pydantic and tqdm with what they need (setuptools: to build the client without isolation)
@@ -33,8 +33,7 @@ CLOSURE = {"httpx", "httpcore", "h11", "anyio", "idna", "certifi", "sniffio", "e
 
 def _lock_subset(path: Path) -> Path:
     pins = [p for p in parse((REPO / "requirements" / "dev.txt").read_text()) if p.name in CLOSURE]
-    path.write_text("".join(f"{p.name}=={p.version}" + (f" ; {p.marker}" if p.marker else "")
-                            + "".join(f" --hash={h}" for h in p.hashes) + "\n" for p in pins))
+    path.write_text(requirement_lines(pins))
     return path
 
 
