@@ -125,9 +125,17 @@ def engine_of(url: str) -> Engine:
     return _ENGINES[url]
 
 
+def pids_of(engine: Engine) -> dict[int, int]:
+    """Worker id -> pid of its live process. Pids are kept out of every response and every production
+    interface (issue 14), so this one test helper looks inside the pool."""
+    workers = engine._pool._workers  # noqa: SLF001
+    return {w.spec.worker_id: w.process.pid for w in workers
+            if w.process is not None and w.process.pid is not None and w.conn is not None}
+
+
 def worker_pids(url: str) -> list[int]:
-    """The worker processes of an in-process test server, by worker id (the API shows no pids)."""
-    return [pid for _, pid in sorted(engine_of(url).worker_pids().items())]
+    """The worker processes of an in-process test server, by worker id."""
+    return [pid for _, pid in sorted(pids_of(engine_of(url)).items())]
 
 
 def child_worker_pids(pid: int) -> list[int]:

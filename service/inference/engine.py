@@ -199,10 +199,6 @@ class Engine:
             raise NotReadyError(reason, headers={"Retry-After": "1"})
         return reason
 
-    def worker_pids(self) -> dict[int, int]:
-        """Worker id -> pid, for supervision and tests; no route serves it."""
-        return self._pool.pids()
-
     def describe(self) -> dict[str, Any]:
         workers = self._pool.describe()
         return {

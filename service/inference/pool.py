@@ -148,11 +148,6 @@ class WorkerPool:
     def has_idle(self) -> bool:
         return any(w.state is WorkerState.READY and not w.in_flight for w in self._workers)
 
-    def pids(self) -> dict[int, int]:
-        """Worker id -> pid of its live process: for supervision tooling and tests, never served."""
-        return {w.spec.worker_id: w.process.pid for w in self._workers
-                if w.process is not None and w.process.pid is not None and w.conn is not None}
-
     def skipped_modes(self) -> list[dict[str, str]]:
         """Modes that killed a worker while it started them, skipped by every later start."""
         return [{"mode": mode, "reason": reason} for mode, reason in self._crashed_modes.items()]

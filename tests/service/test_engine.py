@@ -32,6 +32,7 @@ from tests.conftest import (
     Reference,
     child_worker_pids,
     engine_of,
+    pids_of,
     run_server,
     server_settings,
     start_cli,
@@ -132,7 +133,7 @@ def test_a_1ms_deadline_gives_504_with_timings(one_worker: str) -> None:
 
 def test_a_worker_killed_with_a_batch_inside_is_restarted_and_the_batch_retried(one_worker: str) -> None:
     restarts = metric(one_worker, "crossvit_worker_restarts_total")
-    [pid] = engine_of(one_worker).worker_pids().values()
+    [pid] = pids_of(engine_of(one_worker)).values()
     with ThreadPoolExecutor(1) as pool, stopped([pid]):
         dispatched = batches(one_worker)
         request = pool.submit(classify, one_worker, 4)
@@ -147,7 +148,7 @@ def test_a_worker_killed_with_a_batch_inside_is_restarted_and_the_batch_retried(
     assert batches(one_worker) == dispatched + 2
     assert classify(one_worker).status_code == 200
     card = httpx.get(f"{one_worker}/v1/models").json()
-    assert engine_of(one_worker).worker_pids()[0] != pid and card["workers"][0]["restarts"] >= 1
+    assert pids_of(engine_of(one_worker))[0] != pid and card["workers"][0]["restarts"] >= 1
     assert metric(one_worker, "crossvit_worker_restarts_total") == restarts + 1
 
 
@@ -186,7 +187,7 @@ def test_a_client_that_leaves_is_dropped_quietly(one_worker: str, caplog: pytest
     with caplog.at_level(logging.WARNING):
         with socket.create_connection((host, int(port))) as sock:
             sock.sendall(raw + body[: len(body) // 2])  # and leave mid-body
-        with stopped(list(engine_of(one_worker).worker_pids().values())):
+        with stopped(list(pids_of(engine_of(one_worker)).values())):
             dispatched = batches(one_worker)
             with socket.create_connection((host, int(port))) as sock:
                 sock.sendall(raw + body)

@@ -17,7 +17,7 @@ import torch
 from model.runtime import Mode, prepare
 from model.variants import create_model
 from service.worker.backends import GUARD_COSINE, Probe, build_torch
-from tests.conftest import TEST_VARIANT, Reference, engine_of, run_server, until
+from tests.conftest import TEST_VARIANT, Reference, engine_of, pids_of, run_server, until
 from tests.service.serving import classify
 
 pytestmark = pytest.mark.gpu
@@ -61,7 +61,7 @@ def test_a_cuda_worker_killed_under_load_loses_no_request(reference: Reference) 
         with ThreadPoolExecutor(16) as pool:
             requests = [pool.submit(classify, url, 2) for _ in range(64)]
             until(lambda: sum(r.done() for r in requests) >= 8, 60, "some answers")
-            os.kill(next(iter(engine.worker_pids().values())), signal.SIGKILL)
+            os.kill(next(iter(pids_of(engine).values())), signal.SIGKILL)
             answers = [r.result() for r in requests]
         statuses = [a.status_code for a in answers]
         assert set(statuses) <= {200, 503}, statuses

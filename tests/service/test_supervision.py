@@ -29,7 +29,7 @@ from service.inference import pool
 from service.inference.pool import shared_threads
 from service.inference.watchdog import InferenceTimes, WatchdogConfig
 from service.worker.backends import GUARD_COSINE, Probe, build_torch
-from tests.conftest import TEST_VARIANT, Reference, engine_of, run_server, until, wait_ready
+from tests.conftest import TEST_VARIANT, Reference, engine_of, pids_of, run_server, until, wait_ready
 from tests.service.serving import batches, classify, metric, ready_status, stopped
 
 measured = logging.getLogger("tests.measured")  # the numbers a report quotes (pytest -rP shows them)
@@ -46,7 +46,7 @@ def _server(reference: Reference, **overrides: Any) -> Iterator[str]:
 
 
 def _pids(url: str) -> list[int]:
-    return list(engine_of(url).worker_pids().values())
+    return list(pids_of(engine_of(url)).values())
 
 
 def _holder(url: str) -> int:
@@ -54,7 +54,7 @@ def _holder(url: str) -> int:
     engine = engine_of(url)
     holding = [w["id"] for w in engine.describe()["workers"] if w["batches_in_flight"]]
     assert len(holding) == 1, engine.describe()["workers"]
-    return engine.worker_pids()[holding[0]]
+    return pids_of(engine)[holding[0]]
 
 
 def _all_ready(url: str) -> list[int]:
@@ -163,9 +163,9 @@ def test_consecutive_crashes_space_the_restarts_by_a_growing_delay(
     with _server(reference, workers=1) as url, caplog.at_level(logging.INFO, logger="service.inference.pool"):
         engine = engine_of(url)
         for _ in range(4):  # killed again as soon as it is respawned: four crashes in a row
-            pid = engine.worker_pids()[0]
+            pid = pids_of(engine)[0]
             os.kill(pid, signal.SIGKILL)
-            until(lambda: engine.worker_pids().get(0) not in (None, pid), 60, "the restart")  # noqa: B023
+            until(lambda: pids_of(engine).get(0) not in (None, pid), 60, "the restart")  # noqa: B023
         records = [r for r in caplog.records if r.getMessage() in ("worker died; restarting", "worker starting")]
     died = [r for r in records if r.getMessage() == "worker died; restarting"]
     assert [getattr(r, "restart_in_s", None) for r in died] == [0.5, 1.0, 2.0, 4.0]
@@ -191,7 +191,7 @@ def test_a_crash_loop_long_after_the_last_ready_still_backs_off(
         engine = engine_of(url)
         threading.Event().wait(1.5)  # a successful start, up longer than STABLE_AFTER_S
         weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # every restart refuses the new file
-        os.kill(engine.worker_pids()[0], signal.SIGKILL)
+        os.kill(pids_of(engine)[0], signal.SIGKILL)
         died = lambda: [r for r in caplog.records if r.getMessage() == "worker died; restarting"]  # noqa: E731
         until(lambda: len(died()) >= 4, 90, "four deaths")
         worker = engine.describe()["workers"][0]
@@ -208,10 +208,10 @@ def test_a_hung_restart_is_killed_and_classify_is_refused_at_once_meanwhile(
     with _server(reference, workers=1, worker_start_timeout_s=start_timeout_s, request_timeout_s=30) as url, \
             caplog.at_level(logging.INFO, logger="service.inference.pool"):
         engine = engine_of(url)
-        first = engine.worker_pids()[0]
+        first = pids_of(engine)[0]
         os.kill(first, signal.SIGKILL)
-        until(lambda: engine.worker_pids().get(0) not in (None, first), 30, "the replacement")
-        replacement = engine.worker_pids()[0]
+        until(lambda: pids_of(engine).get(0) not in (None, first), 30, "the replacement")
+        replacement = pids_of(engine)[0]
         os.kill(replacement, signal.SIGSTOP)
         killed_at = time.monotonic()
         assert engine.describe()["workers"][0]["state"] == "starting"
@@ -224,7 +224,7 @@ def test_a_hung_restart_is_killed_and_classify_is_refused_at_once_meanwhile(
         assert int(response.headers["Retry-After"]) >= 1
         wait_ready(url, 60)
         back_after_s = time.monotonic() - killed_at
-        assert replacement not in engine.worker_pids().values()
+        assert replacement not in pids_of(engine).values()
         assert classify(url).status_code == 200
     reasons = [str(getattr(r, "reason", "")) for r in caplog.records if r.getMessage() == "worker hung; killing it"]
     assert any(r.startswith("its start ran") for r in reasons), reasons
