@@ -1,18 +1,27 @@
-# crossvit-serve images, two targets from one base image (deploy/README.md has the commands):
-#   cpu  (default: last)  torch from TORCH_INDEX_URL (PyTorch's CPU-only index), the rest requirements/serve-cpu.txt
+# crossvit-serve images, three targets from one base image (deploy/README.md has the commands):
+#   cpu  (default: last)  the lean server: requirements/lean.txt, no torch; serves the OpenVINO model that a
+#                         build stage with torch prepared (`crossvit-serve --prepare-only`) into /opt/models
+#   cpu-full              the server with torch (from TORCH_INDEX_URL, PyTorch's CPU-only index; the rest
+#                         requirements/serve-cpu.txt): fetches, verifies and converts weights itself, so it is
+#                         the image for weights that arrive at run time (Kubernetes' init containers)
 #   cuda                  requirements/serve.txt as locked: PyPI's torch brings its CUDA runtime, cuBLAS and
 #                         cuDNN; the host's driver comes in through the NVIDIA container toolkit
 #
-#   docker build --target cpu  -t crossvit-serve:cpu  .
-#   docker build --target cuda -t crossvit-serve:cuda .
+#   docker build --target cpu      -t crossvit-serve:cpu      .
+#   docker build --target cpu-full -t crossvit-serve:cpu-full .
+#   docker build --target cuda     -t crossvit-serve:cuda     .
 #   docker build --target cpu --build-arg BAKE_WEIGHTS=crossvit_18_dagger_240 -t crossvit-serve:cpu-18d .
 #
 # Build arguments:
 #   BASE_IMAGE       any Debian-like image with python3 >= 3.10 and its venv module; `make image-test`
 #                    debootstraps a bookworm one where no registry can be reached
-#   TORCH_INDEX_URL  where the cpu target takes torch from; empty: PyPI's torch as serve.txt locks it, CUDA
-#                    libraries included (about 5 GB more), for builders that cannot reach PyTorch's index
-#   BAKE_WEIGHTS, WEIGHTS_SOURCE   fetch and verify a checkpoint into the image's /weights at build time
+#   TORCH_INDEX_URL  where the stages with CPU torch take it from; empty: PyPI's torch as serve.txt locks it, CUDA
+#                    libraries included (about 5 GB more in cpu-full; in cpu only the build stage carries them),
+#                    for builders that cannot reach PyTorch's index
+#   BAKE_WEIGHTS, WEIGHTS_SOURCE   fetch and verify a checkpoint at build time: cpu-full and cuda keep it in
+#                    /weights (cpu-full with its OpenVINO conversion); cpu keeps only the model prepared from it
+#   RANDOM_MODELS    without BAKE_WEIGHTS, the variants the cpu image prepares with random weights: served only
+#                    with CROSSVIT_ALLOW_RANDOM_WEIGHTS=true, and flagged as random (`pretrained: false`)
 # Every install is a lock file through requirements/install.py (the pinned pip first, then every pin
 # hash-checked with --no-deps: nothing resolved, whatever the index holds on the day; then pip check), then
 # the project itself with --no-deps; `make lock` writes the locks.
@@ -56,7 +65,7 @@ COPY --from=source /src /src
 RUN /opt/venv/bin/python -m pip install -q --no-deps --no-build-isolation . \
  && /opt/venv/bin/python -m pip check
 
-FROM build AS venv-cpu
+FROM build AS venv-cpu-full
 ARG TORCH_INDEX_URL
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi; \
@@ -72,6 +81,16 @@ COPY --from=source /src /src
 RUN /opt/venv/bin/python -m pip install -q --no-deps --no-build-isolation . \
  && /opt/venv/bin/python -m pip check
 
+# the lean server: no torch, no safetensors or huggingface-hub
+FROM build AS venv-cpu
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca \
+    if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi; \
+    if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
+    /opt/venv/bin/python requirements/install.py requirements/lean.txt
+COPY --from=source /src /src
+RUN /opt/venv/bin/python -m pip install -q --no-deps --no-build-isolation . \
+ && /opt/venv/bin/python -m pip check
+
 # ---------------------------------------------------------------- weights: baked in, or an empty /weights
 FROM venv-cuda AS weights-cuda
 ARG BAKE_WEIGHTS=""
@@ -83,21 +102,47 @@ RUN mkdir -p /weights \
       && rm -rf /weights/.cache; \
     fi
 
-FROM venv-cpu AS weights-cpu
+# Fetched once for both CPU targets.
+FROM venv-cpu-full AS fetched-cpu
 ARG BAKE_WEIGHTS=""
 ARG WEIGHTS_SOURCE=hub
-# With baked weights, the OpenVINO conversion is baked too (/weights/.cache/models), so a read-only
-# container starts without converting.
 RUN mkdir -p /weights \
  && if [ -n "$BAKE_WEIGHTS" ]; then \
       /opt/venv/bin/crossvit-weights fetch "$BAKE_WEIGHTS" --dest /weights --source "$WEIGHTS_SOURCE" --no-progress \
       && /opt/venv/bin/crossvit-weights verify /weights \
-      && rm -rf /weights/.cache \
-      && CROSSVIT_MODEL="$BAKE_WEIGHTS" CROSSVIT_WEIGHTS_DIR=/weights CROSSVIT_FETCH_WEIGHTS=false \
-         CROSSVIT_BACKEND=openvino /opt/venv/bin/crossvit-serve --prepare-only; \
+      && rm -rf /weights/.cache; \
     fi
 
-# ---------------------------------------------------------------- runtime: what both targets share
+# cpu-full: with baked weights, the OpenVINO conversion is baked too (/weights/.cache/models), so a
+# read-only container starts without converting.
+FROM fetched-cpu AS weights-cpu-full
+ARG BAKE_WEIGHTS=""
+RUN if [ -n "$BAKE_WEIGHTS" ]; then \
+      CROSSVIT_MODEL="$BAKE_WEIGHTS" CROSSVIT_WEIGHTS_DIR=/weights CROSSVIT_FETCH_WEIGHTS=false \
+      CROSSVIT_BACKEND=openvino /opt/venv/bin/crossvit-serve --prepare-only; \
+    fi
+
+# cpu: the prepared model alone (model.xml, model.bin, heads.npz, probe.npz, prepared.json per entry), made
+# here with torch; the lean image needs no checkpoint. Without BAKE_WEIGHTS, random-init entries.
+FROM fetched-cpu AS models-cpu
+ARG BAKE_WEIGHTS=""
+ARG RANDOM_MODELS=crossvit_18_dagger_240
+ENV CROSSVIT_WEIGHTS_DIR=/weights \
+    CROSSVIT_CACHE_DIR=/opt/models \
+    CROSSVIT_FETCH_WEIGHTS=false \
+    CROSSVIT_DEVICE=cpu \
+    CROSSVIT_BACKEND=openvino
+RUN mkdir -p /opt/models \
+ && if [ -n "$BAKE_WEIGHTS" ]; then \
+      CROSSVIT_MODEL="$BAKE_WEIGHTS" /opt/venv/bin/crossvit-serve --prepare-only; \
+    else \
+      for model in $RANDOM_MODELS; do \
+        CROSSVIT_MODEL="$model" CROSSVIT_ALLOW_RANDOM_WEIGHTS=true /opt/venv/bin/crossvit-serve --prepare-only \
+        || exit 1; \
+      done; \
+    fi
+
+# ---------------------------------------------------------------- runtime: what every target shares
 FROM ${BASE_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 crossvit \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin crossvit
@@ -128,9 +173,21 @@ ENV CROSSVIT_DEVICE=cuda \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-# ---------------------------------------------------------------- cpu (last: the default target)
-FROM runtime AS cpu
-COPY --from=venv-cpu /opt/venv /opt/venv
-COPY --from=weights-cpu --chown=10001:10001 /weights /weights
+# ---------------------------------------------------------------- cpu-full
+FROM runtime AS cpu-full
+COPY --from=venv-cpu-full /opt/venv /opt/venv
+COPY --from=weights-cpu-full --chown=10001:10001 /weights /weights
 ENV CROSSVIT_DEVICE=cpu \
     CROSSVIT_BACKEND=openvino
+
+# ---------------------------------------------------------------- cpu (last: the default target)
+# No torch and no checkpoint: the prepared entries in /opt/models (the server's user owns them, as it owns
+# /weights in the other targets). A volume mounted over /opt/models (Kubernetes' prepare-model init container)
+# replaces them.
+FROM runtime AS cpu
+COPY --from=venv-cpu /opt/venv /opt/venv
+COPY --from=models-cpu --chown=10001:10001 /opt/models /opt/models
+ENV CROSSVIT_DEVICE=cpu \
+    CROSSVIT_BACKEND=openvino \
+    CROSSVIT_CACHE_DIR=/opt/models \
+    CROSSVIT_FETCH_WEIGHTS=false

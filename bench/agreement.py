@@ -32,10 +32,10 @@ PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "motorcycle_left", "retina
 
 def _agreements(model: torch.nn.Module, spec: InputSpec, images: list[bytes]) -> list[Agreement]:
     prepared = [preprocess(data, spec, max_pixels=10**9, index=i) for i, data in enumerate(images)]
-    branches = [torch.stack([p.branches[b] for p in prepared]) for b in range(2)]
+    x = torch.stack([torch.from_numpy(p.pixels) for p in prepared])  # branch 0; the model resizes branch 1
     with torch.inference_mode():
-        logits = torch.stack(model.branch_logits(branches), dim=1)  # (n, 2, C)
-    return branch_agreement(logits)
+        logits = torch.stack(model.branch_logits(x), dim=1)  # (n, 2, C)
+    return branch_agreement(logits.numpy())
 
 
 def _summary(name: str, found: list[Agreement]) -> str:

@@ -44,7 +44,7 @@ class CrossViTAPI(ls.LitAPI):  # type: ignore[misc]
 
     def decode_request(self, request: Request) -> Tensor:  # LitServe passes the parsed multipart form
         form: Any = request
-        return preprocess(form["images"].file.read(), self.spec, max_pixels=40_000_000).pixels
+        return torch.from_numpy(preprocess(form["images"].file.read(), self.spec, max_pixels=40_000_000).pixels)
 
     def batch(self, inputs: list[Tensor]) -> Tensor:
         return torch.stack(inputs)

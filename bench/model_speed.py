@@ -31,7 +31,8 @@ from machine import cpu_line  # noqa: E402  (bench/, this script's folder)
 
 from model import CrossViT, create_model  # noqa: E402
 from model.runtime import Mode, logit_cosine, prepare  # noqa: E402
-from service.worker.backends.openvino_runtime import OpenVINOBackend, available, convert_cached  # noqa: E402
+from service.worker.backends.openvino_prepare import convert  # noqa: E402
+from service.worker.backends.openvino_runtime import OpenVINOBackend, available  # noqa: E402
 
 COSINE_FLOOR = 0.9999
 Forward = Callable[[Tensor], Tensor]
@@ -72,12 +73,14 @@ def _openvino_modes(model: CrossViT) -> dict[str, Forward]:
     """The service's OpenVINO backend in fp32 and bf16 on this process's threads, one conversion."""
     import openvino
 
-    converted, _ = convert_cached(model, "bench", None)
+    converted = convert(model)
+    heads = [(h.weight.detach().numpy(), h.bias.detach().numpy()) for h in model.head]  # type: ignore[union-attr]
     threads = torch.get_num_threads()
     modes: dict[str, Forward] = {}
     for mode in ("fp32", "bf16"):
-        backend = OpenVINOBackend(openvino.Core(), converted, model.head, mode, (threads,))
-        modes[f"openvino-{mode}"] = lambda x, backend=backend: backend(x, threads).mean(dim=1)  # type: ignore[misc]
+        backend = OpenVINOBackend(openvino.Core(), converted, heads, mode, (threads,))
+        modes[f"openvino-{mode}"] = lambda x, backend=backend: (  # type: ignore[misc]
+            torch.from_numpy(backend(x.numpy(), threads)).mean(dim=1))
     return modes
 
 

@@ -33,7 +33,7 @@ def build(variant: str, weights: Path, precision: str) -> FastAPI:
     app = FastAPI()
 
     def infer(data: bytes) -> list[int]:
-        x = preprocess(data, spec, max_pixels=40_000_000).pixels
+        x = torch.from_numpy(preprocess(data, spec, max_pixels=40_000_000).pixels)
         b0, b1 = runner(x[None])
         return ((b0 + b1) / 2).topk(5).indices[0].tolist()
 

@@ -36,11 +36,12 @@ def _child(args: argparse.Namespace) -> None:
     import torch
 
     from model import create_model
-    from service.worker.backends.openvino_runtime import compile_config, convert_cached
+    from service.worker.backends.openvino_prepare import convert
+    from service.worker.backends.openvino_runtime import compile_config
 
     torch.manual_seed(0)
     model = create_model(args.variant)
-    converted, _ = convert_cached(model, f"layout-{args.variant}", Path(args.cache))
+    converted = convert(model)
     compiled = ov.Core().compile_model(
         converted, "CPU", compile_config(args.modes[0], args.threads, streams=args.streams, pinning=args.pinning)
     )

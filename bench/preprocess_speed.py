@@ -64,7 +64,7 @@ def with_factor(factor: float, data: bytes, spec: pp.InputSpec) -> tuple[torch.T
     saved = pp.DRAFT_SAFETY_FACTOR
     pp.DRAFT_SAFETY_FACTOR = factor  # a bench-only override of the module constant
     try:
-        x = pp.preprocess(data, spec, max_pixels=MAX_PIXELS).pixels
+        x = torch.from_numpy(pp.preprocess(data, spec, max_pixels=MAX_PIXELS).pixels)
     finally:
         pp.DRAFT_SAFETY_FACTOR = saved
     with Image.open(io.BytesIO(data)) as image:
@@ -97,7 +97,7 @@ def draft_table(spec: pp.InputSpec, repeats: int) -> None:
     full_logits: dict[str, torch.Tensor] = {}
     for width, height in ((4000, 3000), (1600, 1200)):
         jpegs = {name: encode(resized(photo(name), width, height), "JPEG", quality=90) for name in PHOTOS}
-        full = {name: pp.preprocess(data, spec, max_pixels=MAX_PIXELS, draft=False).pixels
+        full = {name: torch.from_numpy(pp.preprocess(data, spec, max_pixels=MAX_PIXELS, draft=False).pixels)
                 for name, data in jpegs.items()}
         with torch.no_grad():
             logits = {name: model(x[None])[0] for name, x in full.items()}
@@ -125,7 +125,7 @@ def draft_table(spec: pp.InputSpec, repeats: int) -> None:
         image = resized(photo(PHOTOS[0]), width, height)
         q90, q95 = (pp.preprocess(encode(image, "JPEG", quality=q), spec, max_pixels=MAX_PIXELS, draft=False)
                     for q in (90, 95))
-        delta = (q90.pixels - q95.pixels).abs()
+        delta = abs(q90.pixels - q95.pixels)
         print(f"Saving the {width}x{height} {PHOTOS[0]} at JPEG quality 95 instead of 90 (no draft) moves "
               f"branch 0 by max {float(delta.max()):.4f}, mean {float(delta.mean()):.5f}.")
     print(f"One 8-bit step after normalisation is 1 / 255 / std = {1 / 255 / max(spec.std):.4f} "

@@ -1,7 +1,7 @@
 """The service under load beside its peers and its own ceiling, in one run.
 
     python bench/serve_load.py [--variant crossvit_9_dagger_240] [--concurrency 1 8 32] [--duration 15]
-                               [--systems ours litserve naive]
+                               [--systems ours litserve naive] [--baseline CHECKOUT]
 
 Needs `wrk` (Debian: apt-get install wrk) and, for the LitServe peer, `litserve` (pip). Loopback
 only; every load run is bounded by --duration. Steps, for the same random-init weights and the
@@ -15,6 +15,9 @@ same 640x480 JPEG throughout:
     and bf16 autocast, the modes a user of either would run;
 each under wrk at every concurrency after a discarded warm-up; model-only is sampled again
 between the servers (the median stands), because shared cores drift over a run.
+--baseline runs the service of another checkout (a `git worktree` of an older commit) the same way,
+right after ours, in this interpreter: before/after figures from one run. Every service start is
+preceded by its `--prepare-only`, so that what is measured is serving, not a first conversion.
 """
 
 from __future__ import annotations
@@ -93,18 +96,18 @@ class Served:
 
 
 def measure_server(label: str, command: list[str], env: dict[str, str], image: Path, args: argparse.Namespace,
-                   port: int) -> Served:
+                   port: int, cwd: Path | None = None) -> Served:
     url = f"http://127.0.0.1:{port}"
     # A process group of its own: stopping a server stops every process it started (LitServe's
     # inference workers outlive a SIGTERM to its main process and keep polling their queue at ~15 %
     # of a core). Not a session of its own: that would also be a scheduler autogroup of its own, out
     # of the priority a benchmark run may be given (setsid + /proc/self/autogroup).
     process = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                               preexec_fn=os.setpgrp)
+                               preexec_fn=os.setpgrp, cwd=cwd)
     try:
         wait_ready(url, process)
         mode = env.get("CROSSVIT_PRECISION", "")
-        if label.startswith("ours"):  # every worker warmed up, then what the service chose
+        if label.startswith(("ours", "baseline")):  # every worker warmed up, then what the service chose
             workers = ready_workers(url)
             mode = "+".join(sorted({f"{w.get('backend')}-{w.get('mode')}" for w in workers}))
         run_wrk(url, image, 8, 3)  # warm-up, discarded
@@ -169,11 +172,16 @@ def preprocess_ms(variant: str, data: bytes, repeats: int = 50) -> float:
     return statistics.median(times) * 1000
 
 
-def _ours(precision: str, weights: Path, args: argparse.Namespace, image: Path) -> Served:
+def _ours(precision: str, weights: Path, args: argparse.Namespace, image: Path, checkout: Path = ROOT,
+          label: str = "ours") -> Served:
+    """The service of `checkout` (this one, or --baseline's), prepared first, then under load."""
     env = {"CROSSVIT_MODEL": args.variant, "CROSSVIT_WEIGHTS": str(weights), "CROSSVIT_PRECISION": precision,
            "CROSSVIT_PORT": str(args.port), "CROSSVIT_LOG_LEVEL": "warning",
-           "CROSSVIT_CACHE_DIR": str(weights.parent / "model-cache")}
-    return measure_server(f"ours {precision}", [sys.executable, "-m", "service.cli"], env, image, args, args.port)
+           "CROSSVIT_CACHE_DIR": str(weights.parent / f"model-cache-{label}"), "PYTHONPATH": str(checkout)}
+    subprocess.run([sys.executable, "-m", "service.cli", "--prepare-only"], env={**os.environ, **env}, cwd=checkout,
+                   check=True, stdout=subprocess.DEVNULL)
+    return measure_server(f"{label} {precision}", [sys.executable, "-m", "service.cli"], env, image, args, args.port,
+                          cwd=checkout)
 
 
 def _peer(name: str, precision: str, weights: Path, args: argparse.Namespace, image: Path) -> Served:
@@ -192,6 +200,7 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", choices=["ours", "litserve", "naive"],
                         default=["ours", "litserve", "naive"])
     parser.add_argument("--port", type=int, default=8390)
+    parser.add_argument("--baseline", type=Path, help="another checkout whose service runs after ours")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("this benchmark needs wrk: apt-get install wrk")
@@ -219,6 +228,9 @@ def main() -> None:
         if "ours" in args.systems:
             for precision in ("fp32", "auto"):
                 served.append(_ours(precision, weights, args, image))
+            if args.baseline is not None:
+                for precision in ("fp32", "auto"):
+                    served.append(_ours(precision, weights, args, image, args.baseline.resolve(), "baseline"))
             ours_modes = sorted({s.mode for s in served})
             sample(ours_modes)
         for name in ("litserve", "naive"):
@@ -257,6 +269,11 @@ def _report(served: list[Served], only: dict[str, dict[int, float]], pre_ms: flo
         if ours in by_label and peer in by_label and top in by_label[ours].runs:
             ratio = by_label[ours].runs[top].rps / by_label[peer].runs[top].rps
             print(f"{ours} / {peer} at c={top}: {ratio:.2f}x" + (f" (goal >= {goal})" if goal else ""))
+    for precision in ("fp32", "auto"):
+        new, old = by_label.get(f"ours {precision}"), by_label.get(f"baseline {precision}")
+        if new is not None and old is not None and top in new.runs and 1 in new.runs:
+            print(f"ours {precision} / baseline at c={top}: {new.runs[top].rps / old.runs[top].rps:.2f}x img/s; "
+                  f"p50 at c=1 {new.runs[1].p50_ms:.1f} ms against {old.runs[1].p50_ms:.1f} ms")
     for label in ("ours auto", "ours fp32"):
         if label in by_label and 1 in by_label[label].runs:
             print(f"{label} p50 at c=1: {by_label[label].runs[1].p50_ms:.1f} ms"

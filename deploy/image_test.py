@@ -2,13 +2,16 @@
 
 As root, with nothing prepared: installs Debian's docker.io, debootstrap and docker-compose when
 missing, starts dockerd when it is not running, debootstraps a bookworm base image (no registry
-is needed), builds the `cpu` target with this machine's pip settings, then checks the image under
+is needed), builds the `cpu` target (the lean server: no torch, a model prepared at build time) with
+this machine's pip settings, then checks the image: no torch and no checkpoint inside; a start
+without a prepared entry for its model, or with the random entry not allowed, refused; and under
 `docker run` (--network host, --read-only, --tmpfs /tmp, --user 10001) and under docker compose
 (the CPU service of docker-compose.yml): healthy by its own HEALTHCHECK, a real photo classified,
 /v1/models, every process uid 10001, `docker stop` exits 0 within the grace period after draining.
 Then it removes its containers, volumes and networks (the images stay, as a cache) and stops the
-dockerd it started. The model is crossvit_tiny_240 with random weights (no hub here), so it starts
-in seconds; its answers are meaningless, which the service says itself (`pretrained: false`).
+dockerd it started. The model is crossvit_tiny_240 with random weights (no hub here), prepared by
+the build (RANDOM_MODELS) and served with CROSSVIT_ALLOW_RANDOM_WEIGHTS=true, so it starts in
+seconds; its answers are meaningless, which the service says itself (`pretrained: false`).
 
 This machine's pip settings reach the build as two build secrets (a pip.conf and its CA bundle),
 never as files of the project; local indexes and wheel folders (file:// or paths) are served to
@@ -35,7 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,7 @@ CONTAINER = "crossvit-image-test"
 COMPOSE_PROJECT = "crossvit-image-test"
 COMPOSE_SERVICE = "crossvit"
 STOP_GRACE_S = 40  # docker-compose.yml's stop_grace_period; the server drains within 25 s
+UNPREPARED_MODEL = "crossvit_9_240"  # a variant the build prepares no entry for
 MODEL_ENV = {
     "CROSSVIT_MODEL": "crossvit_tiny_240",
     "CROSSVIT_ALLOW_RANDOM_WEIGHTS": "true",
@@ -292,18 +296,72 @@ def build(cli: str, report: Report, torch_index: str | None) -> None:
         why = "reachable" if torch_index else f"{default} unreachable, so PyPI's torch (CUDA libraries included)"
     else:
         why = "given"
-    say(f"building {IMAGE} (torch: {torch_index or 'PyPI, as serve.txt locks it'}; {why})")
+    say(f"building {IMAGE}, the model prepared by a stage with torch (torch: "
+        f"{torch_index or 'PyPI, as serve.txt locks it'}; {why})")
     with pip_secrets() as secrets:
         started = time.monotonic()
         run([cli, "build", "--network", "host", "--progress", "plain", "--target", "cpu", "-t", IMAGE,
              "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", f"TORCH_INDEX_URL={torch_index}",
-             *secrets, str(REPO)],
+             "--build-arg", f"RANDOM_MODELS={MODEL_ENV['CROSSVIT_MODEL']}", *secrets, str(REPO)],
             log=WORK / "build.log", env={**os.environ, "DOCKER_BUILDKIT": "1"}, timeout=2400)
         elapsed = time.monotonic() - started
     size = int(run([cli, "image", "inspect", "--format", "{{.Size}}", IMAGE]).stdout)
     report.fact("build time", f"{elapsed:.1f} s (log: {(WORK / 'build.log').relative_to(REPO)})")
-    report.fact("image size", f"{size / 1e9:.2f} GB ({size} bytes, {IMAGE}, torch from "
-                              f"{torch_index or 'PyPI'})")
+    report.fact("image size", f"{size / 1e9:.2f} GB ({size} bytes, {IMAGE}, lean: no torch; torch for preparing "
+                              f"from {torch_index or 'PyPI'}, in a build stage only)")
+
+
+def check_image(cli: str, report: Report) -> None:
+    """What the lean image holds: the server without torch, the prepared model without a checkpoint."""
+    say(f"inside {IMAGE}: no torch, no checkpoint, the prepared entries")
+    script = (
+        "import importlib.util, json, os, pathlib\n"
+        "cache = pathlib.Path(os.environ['CROSSVIT_CACHE_DIR'])\n"
+        "files = [p for p in cache.rglob('*') if p.is_file()]\n"
+        "print(json.dumps({'missing': [m for m in ('torch', 'safetensors', 'huggingface_hub', 'sympy')\n"
+        "                              if importlib.util.find_spec(m) is None],\n"
+        "                  'present': [m for m in ('openvino', 'fastapi', 'numpy') if importlib.util.find_spec(m)],\n"
+        "                  'entries': sorted(str(p.relative_to(cache)) for p in files),\n"
+        "                  'bytes': sum(p.stat().st_size for p in files),\n"
+        "                  'checkpoints': [os.path.join(d, f) for top in ('/weights', '/opt', '/src', '/tmp')\n"
+        "                                  for d, _, names in os.walk(top) for f in names\n"
+        "                                  if f.endswith(('.safetensors', '.pth', '.pt'))\n"
+        "                                  and os.path.getsize(os.path.join(d, f)) > 1_000_000]}))\n"
+    )  # a checkpoint: over 1 MB (site-packages' .pth files are path hooks of a few bytes)
+    done = run([cli, "run", "--rm", "--network", "none", "--read-only", "--user", "10001", IMAGE,
+                "python", "-c", script])
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    report.check("torch, safetensors, huggingface_hub and sympy are not installed",
+                 seen["missing"] == ["torch", "safetensors", "huggingface_hub", "sympy"], seen["missing"])
+    report.check("openvino, fastapi and numpy are", seen["present"] == ["openvino", "fastapi", "numpy"],
+                 seen["present"])
+    names = {Path(entry).name for entry in seen["entries"]}
+    report.check("a prepared entry (model.xml, model.bin, heads.npz, probe.npz, prepared.json) in CROSSVIT_CACHE_DIR",
+                 {"model.xml", "model.bin", "heads.npz", "probe.npz", "prepared.json"} <= names, seen["entries"])
+    report.check("no checkpoint file in the image", seen["checkpoints"] == [], seen["checkpoints"])
+    report.fact("prepared models", f"{seen['bytes'] / 1e6:.1f} MB: {', '.join(seen['entries'])}")
+
+
+def check_refusals(cli: str, report: Report) -> None:
+    """The lean image serves only what its build prepared, and random weights only when allowed."""
+    say(f"{IMAGE} refuses what it cannot serve")
+    cases: list[tuple[str, dict[str, str], str, Callable[[int, str], bool]]] = [  # what, env, must, did it
+        ("no entry for the model", {**MODEL_ENV, "CROSSVIT_MODEL": UNPREPARED_MODEL},
+         "refuses to start, naming `crossvit-serve --prepare-only`",
+         lambda code, out: code != 0 and "--prepare-only" in out),
+        ("the random entry, not allowed", {**MODEL_ENV, "CROSSVIT_ALLOW_RANDOM_WEIGHTS": "false"},
+         "refuses to start", lambda code, out: code != 0),
+    ]
+    for what, settings, expected, ok in cases:
+        env = [f"--env={k}={v}" for k, v in settings.items()]
+        started = time.monotonic()
+        done = run([cli, "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp", "--user", "10001",
+                    *env, IMAGE], check=False, timeout=180)
+        elapsed = time.monotonic() - started
+        output = (done.stdout + done.stderr).strip()
+        said = [line for line in output.splitlines() if "cannot start" in line] or output.splitlines()[-1:]
+        report.fact(f"refused, {what}", f"exit {done.returncode} after {elapsed:.1f} s: {' '.join(said)[-400:]}")
+        report.check(f"{what}: {expected}", ok(done.returncode, output), f"exit {done.returncode}: {output[-1500:]}")
 
 
 # ---------------------------------------------------------------- checks against a running container
@@ -317,6 +375,21 @@ def _free_port() -> int:
 
 def _inspect(cli: str, container: str, template: str) -> str:
     return run([cli, "inspect", "--format", template, container]).stdout.strip()
+
+
+def wait_ready(probes: str, label: str, started: float, report: Report, timeout_s: float = 300) -> None:
+    """Until /readyz answers 200, asked every 0.1 s: the start itself. Docker's "healthy" comes later, at
+    the first HEALTHCHECK after it (every 10 s; Docker 20.10 has no faster start-up interval)."""
+    with httpx.Client(timeout=2) as client:
+        while time.monotonic() - started < timeout_s:
+            try:
+                if client.get(f"{probes}/readyz").status_code == 200:
+                    report.fact(f"{label}: ready (/readyz 200) after", f"{time.monotonic() - started:.1f} s")
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    raise CheckFailed(f"{label}: /readyz not 200 after {timeout_s} s")
 
 
 def wait_healthy(cli: str, container: str, label: str, started: float, report: Report, timeout_s: float = 300) -> None:
@@ -389,6 +462,7 @@ def docker_run(cli: str, report: Report) -> None:
     started = time.monotonic()
     run([cli, "run", "--detach", "--name", CONTAINER, "--network", "host", "--read-only", "--tmpfs", "/tmp",
          "--user", "10001", "--shm-size", "1g", "--stop-timeout", str(STOP_GRACE_S), *env, IMAGE])
+    wait_ready(f"http://127.0.0.1:{probe_port}", "docker run", started, report)
     wait_healthy(cli, CONTAINER, "docker run", started, report)  # the HEALTHCHECK asks the probe listener
     check_service(cli, CONTAINER, "docker run", port, report)
     with httpx.Client(base_url=f"http://127.0.0.1:{probe_port}", timeout=10) as probes:
@@ -451,9 +525,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ensure_base(cli, report, args.rebuild_base)
                 build(cli, report, args.torch_index_url)
                 teardown(cli, compose_cli(cli))  # leftovers of an interrupted run
+                check_image(cli, report)
                 docker_run(cli, report)
                 compose = compose_cli(cli)
                 compose_run(cli, compose, report)
+                check_refusals(cli, report)
             finally:
                 teardown(cli, compose)
     except (CheckFailed, subprocess.TimeoutExpired, httpx.HTTPError, KeyError, ValueError) as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import struct
@@ -16,6 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .digest import file_sha256
+
 __all__ = ["CheckpointError", "check_checkpoint", "file_sha256", "load_checkpoint", "read_state_dict"]
 
 # Official release: ParameterList tokens `pos_embed.0`; timm: attributes `pos_embed_0` (timm's
@@ -28,12 +29,6 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable, unsafe, or does not fit the model; the message says which."""
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_safetensors(path: Path) -> bool:

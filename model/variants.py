@@ -6,11 +6,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .checkpoint import load_checkpoint
 from .config import ARCHITECTURE_FIELDS, CrossViTConfig
-from .crossvit import CrossViT
+
+if TYPE_CHECKING:
+    from .crossvit import CrossViT
 
 __all__ = ["VARIANTS", "Variant", "create_model", "get_variant", "list_variants", "resolve_name"]
 
@@ -182,6 +183,9 @@ def create_model(
 
     `weights` is a checkpoint file loaded strictly through `load_checkpoint`.
     """
+    from .checkpoint import load_checkpoint
+    from .crossvit import CrossViT
+
     variant = get_variant(name)
     if locked := sorted(overrides.keys() & ARCHITECTURE_FIELDS):
         raise TypeError(f"{variant.name} fixes {locked}; build CrossViT(CrossViTConfig(...)) instead")

@@ -53,7 +53,7 @@ def model_card(settings: Settings, variant: Variant, weights: LoadedWeights, lab
         },
         "weights": {
             "source": weights.source,
-            "file": weights.path.name,  # not the absolute path: /v1/models may be open to anyone
+            "file": weights.file,  # not the absolute path: /v1/models may be open to anyone
             "sha256": weights.sha256,
             "pretrained": weights.pretrained,
         },

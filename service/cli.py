@@ -12,7 +12,6 @@ import time
 from types import FrameType
 from typing import NoReturn
 
-import torch
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
@@ -125,9 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     _warn_unknown_env(set(Settings.model_fields))
     if prepare_only:
         return prepare(settings)
-    # This process never runs the model; its few tensor operations (slot copies, softmax, top-k)
-    # must not start a torch thread pool whose spinning threads compete with the workers' cores.
-    torch.set_num_threads(1)
     app = create_app(settings)
     server = DrainingServer(uvicorn_config(app, settings), app, settings.shutdown_timeout_s)
     probes = ProbeServer(app, app.state.metrics, settings.host, settings.probe_port) if settings.probe_port else None

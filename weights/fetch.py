@@ -27,7 +27,7 @@ from tqdm import tqdm
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.variants import OFFICIAL_RELEASE, Variant, create_model, get_variant
 
-from .store import record
+from .store import FetchError, record
 
 __all__ = ["CACHE_DIRNAME", "HUB_FILENAME", "OFFLINE_HINT", "FetchError", "fetch", "verify_checkpoint"]
 
@@ -40,10 +40,6 @@ OFFLINE_HINT = (
     "or set CROSSVIT_WEIGHTS to a checkpoint file"
 )
 _CHUNK_BYTES = 1 << 20
-
-
-class FetchError(OSError):
-    """A checkpoint could not be downloaded, written or loaded; the message says what was tried and why."""
 
 
 def fetch(

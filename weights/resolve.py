@@ -6,14 +6,13 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from model.variants import get_variant
 
-from .fetch import FetchError
-from .fetch import fetch as fetch_checkpoint
 from .store import (
     MANIFEST_NAME,
+    FetchError,
     ManifestError,
     WeightsNotFoundError,
     find_local,
@@ -110,6 +109,16 @@ def _configured(name: str, weights: str, weights_dir: Path, *, fetch: bool) -> R
     path = fetch_checkpoint(name, weights_dir, source="hub", repo_id=repo_id, progress=False)
     return Resolved(path, "fetched", f"CROSSVIT_WEIGHTS={weights}: fetched {repo_id} to {path}",
                     recorded_sha256(weights_dir, path))
+
+
+def fetch_checkpoint(name: str, weights_dir: Path, **options: Any) -> Path:
+    """`weights.fetch.fetch`, imported here: fetching verifies with torch, which the lean server lacks."""
+    try:
+        from .fetch import fetch
+    except ImportError as exc:
+        raise FetchError(f"fetching weights needs the torch extra (pip install 'crossvit-serve[torch]'): {exc}") \
+            from exc
+    return fetch(name, weights_dir, **options)
 
 
 def _recorded_beside(folder: Path, path: Path) -> str | None:

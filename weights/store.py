@@ -18,11 +18,12 @@ try:
 except ImportError:  # not POSIX: recording is then only safe from one process at a time
     fcntl = None  # type: ignore[assignment]
 
-from model.checkpoint import file_sha256
+from model.digest import file_sha256
 from model.variants import get_variant
 
 __all__ = [
     "MANIFEST_NAME",
+    "FetchError",
     "ManifestEntry",
     "ManifestError",
     "Source",
@@ -39,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 Source = Literal["hub", "official", "local"]
+
+
+class FetchError(OSError):
+    """A checkpoint could not be downloaded, written or loaded; the message says what was tried and why."""
+
 
 
 class ManifestError(ValueError):

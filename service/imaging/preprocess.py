@@ -49,7 +49,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from model.variants import Variant
@@ -151,7 +150,7 @@ class InputSpec:
 class Preprocessed:
     """One image ready for the model, and its size as the client sees it (after EXIF orientation)."""
 
-    pixels: torch.Tensor  # (3, 240, 240) float32, normalised: branch 0's input; branch 1's is derived from it
+    pixels: np.ndarray  # (3, 240, 240) float32, normalised: branch 0's input; branch 1's is derived from it
     width: int
     height: int
     format: str  # one of ALLOWED_FORMATS
@@ -513,7 +512,7 @@ def _to_gray8(image: Image.Image, checkpoint: _Checkpoints) -> Image.Image:
     return Image.fromarray(gray)
 
 
-def _branch0(rgb: Image.Image, spec: InputSpec) -> torch.Tensor:
+def _branch0(rgb: Image.Image, spec: InputSpec) -> np.ndarray:
     """timm's eval transform on a PIL RGB or L image: Resize(resize_size, BICUBIC), CenterCrop, ToTensor, Normalize."""
     width, height = rgb.size
     size = spec.resize_size
@@ -533,8 +532,8 @@ def _branch0(rgb: Image.Image, spec: InputSpec) -> torch.Tensor:
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)
     x = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)  # (3, 240, 240), a copy
     # The same float32 operations, in order, as ToTensor + Normalize (elementwise IEEE operations give
-    # the same bits in numpy as in torch); numpy, because torch would start its thread pool here.
+    # the same bits in numpy as in torch).
     x /= np.float32(255)
     x -= np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
     x /= np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
-    return torch.from_numpy(x)
+    return x

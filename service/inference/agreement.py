@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-__all__ = ["Agreement", "branch_agreement"]
+__all__ = ["Agreement", "branch_agreement", "log_softmax"]
 
 
 @dataclass(frozen=True)
@@ -21,17 +21,23 @@ class Agreement:
     js_divergence: float  # Jensen-Shannon divergence of their softmax distributions, base 2: [0, 1]
 
 
-def branch_agreement(logits: torch.Tensor) -> list[Agreement]:
+def branch_agreement(logits: np.ndarray) -> list[Agreement]:
     """Per image, from per-branch logits of shape (n, 2, C).
 
     JSD(P, Q) = (KL(P || M) + KL(Q || M)) / 2 with M = (P + Q) / 2; in bits it lies in [0, 1]:
     0 for identical distributions, 1 for distributions with disjoint support. Computed from
     log-softmax so that classes whose probability underflows contribute 0, not NaN.
     """
-    log_p = logits.float().log_softmax(dim=-1)  # (n, 2, C)
-    log_m = torch.logsumexp(log_p, dim=1, keepdim=True) - math.log(2)  # (n, 1, C): log of the mixture
-    kl = (log_p.exp() * (log_p - log_m)).sum(dim=-1)  # (n, 2): KL(branch || mixture), nats
-    js = (kl.mean(dim=1) / math.log(2)).clamp(0.0, 1.0)  # (n,): bits; clamp rounding just outside
-    top1 = logits.argmax(dim=-1)  # (n, 2)
+    log_p = log_softmax(logits.astype(np.float64))  # (n, 2, C); float64: JSD sums 1000 small differences
+    log_m = np.logaddexp(log_p[:, 0], log_p[:, 1])[:, None] - math.log(2)  # (n, 1, C): log of the mixture
+    kl = (np.exp(log_p) * (log_p - log_m)).sum(axis=-1)  # (n, 2): KL(branch || mixture), nats
+    js = np.clip(kl.mean(axis=1) / math.log(2), 0.0, 1.0)  # (n,): bits; clip rounding just outside
+    top1 = logits.argmax(axis=-1)  # (n, 2)
     agree = top1[:, 0] == top1[:, 1]
     return [Agreement(bool(a), float(d)) for a, d in zip(agree.tolist(), js.tolist(), strict=True)]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Along the last axis, shifted by the maximum so that no exp overflows."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

@@ -8,22 +8,21 @@ models are cached: decided here, in the API process, once per start. `create_app
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
-
-import torch
 
 from model.variants import Variant, get_variant
 from weights.labels import imagenet_labels
 
 from ..imaging.preprocess import InputSpec
 from ..settings import Settings
-from ..worker.backends import BackendChoice, resolve_backend
+from ..worker.backends import BackendChoice, NotPreparedError, resolve_backend
 from ..worker.main import build_backend
 from ..worker.protocol import ReplicaSpec
 from .engine import EngineConfig
-from .loading import LoadedWeights, WeightsError, load_weights
-from .placement import plan_workers, usable_cpus
+from .loading import LoadedWeights, WeightsError, load_weights, model_cache_dir
+from .placement import cuda_device_count, plan_workers, usable_cpus
 from .pool import shared_threads
 from .watchdog import WatchdogConfig
 
@@ -45,7 +44,8 @@ def engine_config(settings: Settings, variant: Variant, weights: LoadedWeights) 
             {shared_threads(p.threads, cpu_budget, busy) for busy in range(1, cpu_workers + 1)}
         ))
         spec = ReplicaSpec(
-            worker_id=i, variant=variant.name, weights=str(weights.path), weights_sha256=weights.sha256,
+            worker_id=i, variant=variant.name, weights=None if weights.path is None else str(weights.path),
+            weights_sha256=weights.sha256, weights_source=weights.source, pretrained=weights.pretrained,
             device=p.device, backend=choice.name, backend_fallback=choice.fallback, precision=settings.precision,
             threads=p.threads, thread_options=options, max_batch_size=settings.max_batch_size,
             cache_dir=str(model_cache_dir(settings)) if choice.name == "openvino" else None,
@@ -69,14 +69,10 @@ def engine_config(settings: Settings, variant: Variant, weights: LoadedWeights) 
     )
 
 
-def model_cache_dir(settings: Settings) -> Path:
-    """Converted models: CROSSVIT_CACHE_DIR, else a hidden folder beside the weights."""
-    return settings.cache_dir if settings.cache_dir is not None else settings.weights_dir / ".cache" / "models"
-
-
 def prepare(settings: Settings) -> int:
     """Everything a start would do before serving, once, in this process: resolve and verify the
-    weights, convert the model into CACHE_DIR and check its mode. Exit status for the CLI."""
+    weights, prepare the OpenVINO model into CACHE_DIR (needs torch, unless it is there already) and
+    check its mode. Exit status for the CLI."""
     variant = get_variant(settings.model)
     with tempfile.TemporaryDirectory(prefix="crossvit-") as scratch:
         try:
@@ -84,10 +80,10 @@ def prepare(settings: Settings) -> int:
         except WeightsError as exc:
             logger.error("cannot prepare: %s", exc)
             return 2
-        on_cuda = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
+        on_cuda = settings.device.startswith("cuda") or (settings.device == "auto" and cuda_device_count() > 0)
         try:
             choice = resolve_backend(settings.backend, "cuda" if on_cuda else "cpu", settings.precision)
-        except ValueError as exc:  # openvino asked for but not installed
+        except ValueError as exc:  # a backend asked for but not installed
             logger.error("cannot prepare: %s", exc)
             return 2
         if choice.name == "torch":  # PyTorch loads the checkpoint as it is: nothing to convert
@@ -95,7 +91,16 @@ def prepare(settings: Settings) -> int:
                         extra={"sha256": weights.sha256})
             return 0
         spec = engine_config(settings, variant, weights).replicas[0]
-        built, details = build_backend(spec, torch.device(spec.device))
+        compiled = model_cache_dir(settings) / "compiled"
+        blobs_before = compiled.exists()
+        try:
+            built, details = build_backend(spec)
+        except NotPreparedError as exc:
+            logger.error("cannot prepare: %s", exc)
+            return 2
+        finally:
+            if not blobs_before:  # OpenVINO's compiled blobs belong to this CPU: not to bake into an image
+                shutil.rmtree(compiled, ignore_errors=True)
     logger.info("prepared", extra={"backend": built.backend.name, "mode": built.backend.mode,
                                    "cache_dir": spec.cache_dir, **details})
     return 0

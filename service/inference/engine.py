@@ -19,13 +19,13 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
+import numpy as np
 
 from ..errors import DeadlineExceededError, NotReadyError, OverloadedError
 from ..imaging.preprocess import DecodeCancelled, InputSpec, Preprocessed, preprocess
 from ..metrics import Metrics
 from ..worker.protocol import ReplicaSpec
-from .agreement import Agreement, branch_agreement
+from .agreement import Agreement, branch_agreement, log_softmax
 from .batcher import Batcher, ImageQueue
 from .items import Pending
 from .pool import WorkerPool
@@ -61,7 +61,7 @@ class ImageResult:
 class Classification:
     results: list[ImageResult]
     timing_ms: dict[str, float]
-    logits: torch.Tensor  # (n, 2, C): each image's per-branch logits, for callers that want the raw tensor
+    logits: np.ndarray  # (n, 2, C) float32: each image's per-branch logits, for callers that want them raw
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ class Engine:
         )
 
     async def classify_pixels(
-        self, pixels: torch.Tensor, *, top_k: int, branches: bool, deadline: float
+        self, pixels: np.ndarray, *, top_k: int, branches: bool, deadline: float
     ) -> Classification:
         """Classify already preprocessed inputs (n, 3, S, S), admitted, queued and batched as `classify`'s."""
         side = pixels.shape[-1]
@@ -314,7 +314,7 @@ class Engine:
                 self._reserved -= reserved
         timing["queue"] = _ms(max(o.queue_s for o in outputs))
         timing["inference"] = _ms(max(o.inference_s for o in outputs))
-        logits = torch.stack([o.logits for o in outputs])  # (n, 2, C)
+        logits = np.stack([o.logits for o in outputs])  # (n, 2, C)
         results = self._results(prepared, logits, top_k, branches)
         self._metrics.images.inc(count)
         timing["total"] = _ms(time.monotonic() - started)
@@ -346,21 +346,22 @@ class Engine:
         finally:
             gone.set()  # harmless once every job is done
 
-    def _top(self, logits: torch.Tensor, top_k: int) -> list[list[Prediction]]:
-        probabilities = logits.softmax(dim=-1)
-        values, indices = logits.topk(top_k, dim=-1)  # sorted by logit, descending
+    def _top(self, logits: np.ndarray, top_k: int) -> list[list[Prediction]]:
+        probabilities = np.exp(log_softmax(logits))
+        # sorted by logit, descending; a stable sort keeps the lower class id first on a tie, as torch.topk
+        indices = np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]
         return [
             [
-                Prediction(int(c), self._labels[int(c)], float(v), float(probabilities[row, c]))
-                for v, c in zip(values[row].tolist(), indices[row].tolist(), strict=True)
+                Prediction(int(c), self._labels[int(c)], float(logits[row, c]), float(probabilities[row, c]))
+                for c in indices[row].tolist()
             ]
             for row in range(logits.shape[0])
         ]
 
     def _results(
-        self, prepared: list[Preprocessed], logits: torch.Tensor, top_k: int, branches: bool
+        self, prepared: list[Preprocessed], logits: np.ndarray, top_k: int, branches: bool
     ) -> list[ImageResult]:
-        mean = self._top(logits.mean(dim=1), top_k)  # the model's output: mean over branches
+        mean = self._top(logits.mean(axis=1), top_k)  # the model's output: mean over branches
         per_branch = [self._top(logits[:, b], top_k) for b in range(2)] if branches else None
         agreement = branch_agreement(logits)
         return [

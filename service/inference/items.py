@@ -8,7 +8,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from torch import Tensor
+import numpy as np
 
 __all__ = ["Pending", "WorkerOutput"]
 
@@ -17,7 +17,7 @@ __all__ = ["Pending", "WorkerOutput"]
 class WorkerOutput:
     """What a worker produced for one image."""
 
-    logits: Tensor  # (2, C): branch 0 and branch 1
+    logits: np.ndarray  # (2, C) float32: branch 0 and branch 1
     queue_s: float
     inference_s: float
     batch_size: int
@@ -27,9 +27,9 @@ class WorkerOutput:
 class Pending:
     """One image waiting for a worker; its request awaits `future`. Compared by identity, and its
     repr leaves the pixels out: a queue looks items up (deque.remove), and a failed lookup formats
-    its item into the error (a 3x240x240 tensor repr, milliseconds of the event loop)."""
+    its item into the error (a 3x240x240 array repr, milliseconds of the event loop)."""
 
-    pixels: Tensor = field(repr=False)  # (3, H, W): branch 0's input; the worker derives branch 1's
+    pixels: np.ndarray = field(repr=False)  # (3, H, W): branch 0's input; the worker derives branch 1's
     future: asyncio.Future[WorkerOutput]
     enqueued_at: float = field(default_factory=time.monotonic)
     attempts: int = 0  # dispatches so far; a worker crash allows one retry

@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from ..worker.backends import torch_available
 
-__all__ = ["WorkerPlacement", "plan_workers", "usable_cpus"]
+__all__ = ["WorkerPlacement", "cuda_device_count", "plan_workers", "usable_cpus"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +20,16 @@ logger = logging.getLogger(__name__)
 # With threads_per_worker=auto the pool also lends idle workers' cores to a busy one
 # (WorkerPool's cpu_budget), so a lone request still runs on every core.
 _CPU_WORKERS_CAP = 4
+
+
+def cuda_device_count(dev: Path = Path("/dev")) -> int:
+    """Visible CUDA devices. Without NVIDIA device nodes (or torch) there are none, and torch, with its
+    seconds of import and hundreds of MB, is not imported only to say so."""
+    if not torch_available() or not (dev / "nvidiactl").exists():
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -57,12 +67,13 @@ class WorkerPlacement:
 def plan_workers(device: str, workers: int | str, threads_per_worker: int | str) -> list[WorkerPlacement]:
     """One worker set per visible GPU for auto/cuda, otherwise CPU workers sharing the cores."""
     cpus = usable_cpus()
+    count = cuda_device_count() if device != "cpu" else 0
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if count else "cpu"
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"CROSSVIT_DEVICE={device} but no CUDA device is visible")
-        count = torch.cuda.device_count()
+        if not count:
+            raise RuntimeError(f"CROSSVIT_DEVICE={device} but no CUDA device is visible"
+                               + ("" if torch_available() else " (and torch, which runs CUDA, is not installed)"))
         if device == "cuda":
             gpus = list(range(count))
         else:

@@ -17,14 +17,14 @@ import dataclasses
 import enum
 import itertools
 import logging
+import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
-
-import torch.multiprocessing as mp
 
 from ..errors import WorkerFailedError
 from ..metrics import Metrics
@@ -108,6 +108,9 @@ class WorkerPool:
         watchdog: WatchdogConfig,
     ) -> None:
         self._ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        # A worker's numpy (the OpenVINO heads) would start a BLAS thread per core beside the threads it
+        # is given; spawned workers inherit this (set before their numpy loads).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         self._workers = [
             _Worker(spec, Slots.allocate(SLOTS_PER_WORKER, spec.max_batch_size, input_size, num_classes))
             for spec in specs
@@ -200,6 +203,7 @@ class WorkerPool:
         for worker in self._workers:
             self._detach(worker)
             worker.state = WorkerState.STOPPED
+            worker.slots.release()
 
     def _spawn(self, worker: _Worker) -> None:
         assert self._loop is not None
@@ -244,7 +248,7 @@ class WorkerPool:
         slot = worker.free_slots.pop()
         now = time.monotonic()
         for i, item in enumerate(batch):
-            worker.slots.x[slot, i].copy_(item.pixels)
+            worker.slots.x[slot, i] = item.pixels
             item.attempts += 1
             self._metrics.queue_wait.observe(now - item.enqueued_at)
         record = _Batch(next(self._batch_ids), slot, batch, now)
@@ -289,7 +293,7 @@ class WorkerPool:
             case Done(batch_id, slot, seconds):
                 batch = self._finished(worker, batch_id, slot)
                 self._times_of(worker).record(len(batch.items), seconds)
-                logits = worker.slots.logits[slot, : len(batch.items)].clone()
+                logits = worker.slots.logits[slot, : len(batch.items)].copy()
                 for i, item in enumerate(batch.items):
                     if not item.future.done():
                         item.future.set_result(WorkerOutput(

@@ -15,12 +15,21 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import torch
+from model.digest import file_sha256
+from model.variants import get_variant
 
-from model.checkpoint import load_checkpoint
-from model.variants import create_model, get_variant
-
-from .backends import Backend, Built, ModeGate, Probe, build_openvino, build_torch, cache_key
+from .backends import (
+    Backend,
+    Built,
+    DeviceOutOfMemoryError,
+    ModeGate,
+    NotPreparedError,
+    build_openvino,
+    cache_key,
+    is_complete,
+    torch_available,
+)
+from .backends.prepared import PREPARE_HINT
 from .protocol import Done, Failed, Fatal, Ping, Pong, Ready, ReplicaSpec, Slots, Stop, ToWorker, Trying
 
 __all__ = ["PipeGate", "WeightsChangedError", "build_backend", "main"]
@@ -54,39 +63,88 @@ class PipeGate:
             os.abort()
 
 
-def build_backend(
-    spec: ReplicaSpec, device: torch.device, gate: ModeGate | None = None
-) -> tuple[Built, dict[str, Any]]:
-    """Load the weights and admit the fastest mode of the spec's backend that passes its check (and the gate)."""
-    model = create_model(spec.variant)
-    if spec.weights is not None and (found := load_checkpoint(model, spec.weights)) != spec.weights_sha256:
+def build_backend(spec: ReplicaSpec, gate: ModeGate | None = None) -> tuple[Built, dict[str, Any]]:
+    """Admit the fastest mode of the spec's backend that passes its check (and the gate). OpenVINO serves
+    the prepared model, preparing it first where it is missing and torch is installed."""
+    if spec.weights is not None and (found := file_sha256(spec.weights)) != spec.weights_sha256:
         # a restarted worker must not serve a file replaced since start-up under the old sha256
         raise WeightsChangedError(
             f"{Path(spec.weights).name} now hashes to sha256 {found}, not the {spec.weights_sha256} verified at "
             "start-up; refusing to load it (restart the server to serve the new file)"
         )
-    probe = Probe.of(model)  # PyTorch fp32 on the CPU: the yardstick of every mode
     if spec.backend == "openvino":
         try:
-            return build_openvino(
-                model, key=cache_key(get_variant(spec.variant).name, spec.weights_sha256),
-                cache_dir=None if spec.cache_dir is None else Path(spec.cache_dir),
-                precision=spec.precision, threads=spec.thread_options, probe=probe, gate=gate,
-            )
+            return _build_openvino(spec, gate)
         except Exception as exc:
             if not spec.backend_fallback:
                 raise
             logger.warning("OpenVINO backend failed to start; falling back to PyTorch",
                            extra={"worker": spec.worker_id, "error": f"{type(exc).__name__}: {exc}"})
-    return build_torch(model, spec.precision, device, probe, gate), {}
+    return _build_torch(spec, gate), {}
+
+
+def _build_openvino(spec: ReplicaSpec, gate: ModeGate | None) -> tuple[Built, dict[str, Any]]:
+    variant = get_variant(spec.variant).name
+    cache_dir = None if spec.cache_dir is None else Path(spec.cache_dir)
+    started = time.perf_counter()
+    folder = None if cache_dir is None else cache_dir / cache_key(variant, spec.weights_sha256)
+    source = "prepared earlier"
+    if folder is None or not is_complete(folder):
+        if spec.weights is None or not torch_available():
+            raise NotPreparedError(
+                f"no prepared OpenVINO model for {variant} with weights sha256 {spec.weights_sha256[:16]}... in "
+                f"{cache_dir}; {PREPARE_HINT}"
+            )
+        from .backends.openvino_prepare import prepare_openvino
+
+        folder, source = prepare_openvino(
+            _load_model(spec), cache_dir, variant=variant, sha256=spec.weights_sha256, source=spec.weights_source,
+            pretrained=spec.pretrained,
+        )
+    prepare_s = time.perf_counter() - started
+    built, info = build_openvino(folder, precision=spec.precision, threads=spec.thread_options, gate=gate,
+                                 compiled_cache=None if cache_dir is None else cache_dir / "compiled")
+    return built, {"model_source": source, "prepare_s": round(prepare_s, 3), **info}
+
+
+def _load_model(spec: ReplicaSpec) -> Any:
+    """The PyTorch model with the spec's weights (torch is imported here, never by the lean path)."""
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.variants import create_model
+
+    torch.set_num_threads(spec.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set by an earlier torch call in this process
+    model = create_model(spec.variant)
+    if spec.weights is not None and (found := load_checkpoint(model, spec.weights)) != spec.weights_sha256:
+        raise WeightsChangedError(f"{Path(spec.weights).name} now hashes to sha256 {found}, not {spec.weights_sha256}")
+    return model
+
+
+def _build_torch(spec: ReplicaSpec, gate: ModeGate | None) -> Built:
+    import torch
+
+    from .backends.pytorch_runtime import build_torch, reference_probe
+
+    if spec.weights is None:
+        raise NotPreparedError("the PyTorch backend needs the checkpoint file, and this start has only a prepared "
+                               "OpenVINO model")
+    model = _load_model(spec)
+    return build_torch(model, spec.precision, torch.device(spec.device), reference_probe(model), gate)
 
 
 def _build(spec: ReplicaSpec, slots: Slots, gate: ModeGate) -> tuple[Backend, dict[str, Any]]:
     started = time.perf_counter()
-    device = torch.device(spec.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    built, details = build_backend(spec, device, gate)
+    on_cuda = spec.device.startswith("cuda")
+    if on_cuda:
+        import torch
+
+        torch.cuda.set_device(torch.device(spec.device))
+    built, details = build_backend(spec, gate)
     backend = built.backend
     for mode, agreement in built.rejected:
         logger.warning(
@@ -94,7 +152,7 @@ def _build(spec: ReplicaSpec, slots: Slots, gate: ModeGate) -> tuple[Backend, di
             extra={"worker": spec.worker_id, "backend": backend.name, "mode": mode,
                    "cosine": round(agreement.cosine, 7), "rel_err": f"{agreement.rel_err:.2e}"},
         )
-    if device.type == "cuda":
+    if on_cuda:
         _pin(slots)
     warm_up_started = time.perf_counter()
     backend.warm_up(slots.x[0])  # every batch size (and thread count) this worker will see
@@ -105,7 +163,7 @@ def _build(spec: ReplicaSpec, slots: Slots, gate: ModeGate) -> tuple[Backend, di
         "requested_mode": built.requested,
         "guard_cosine": round(backend.agreement.cosine, 7),
         "rel_err": float(f"{backend.agreement.rel_err:.3g}"),
-        "device": str(device),
+        "device": spec.device,
         "threads": spec.threads,
         "startup_s": round(time.perf_counter() - started, 3),
         "warm_up_s": round(warm_up_s, 3),
@@ -116,8 +174,10 @@ def _build(spec: ReplicaSpec, slots: Slots, gate: ModeGate) -> tuple[Backend, di
 
 def _pin(slots: Slots) -> None:
     """Page-lock the shared input slots so host-to-device copies can be asynchronous."""
+    import torch
+
     cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-    cudart.cudaHostRegister(slots.x.data_ptr(), slots.x.numel() * slots.x.element_size(), 0)
+    cudart.cudaHostRegister(slots.x.ctypes.data, slots.x.nbytes, 0)
 
 
 def _serve(spec: ReplicaSpec, conn: Connection, slots: Slots, backend: Backend) -> None:
@@ -133,9 +193,8 @@ def _serve(spec: ReplicaSpec, conn: Connection, slots: Slots, backend: Backend) 
             continue
         started = time.perf_counter()
         try:
-            slots.logits[message.slot, :message.n].copy_(backend(slots.x[message.slot, :message.n], message.threads))
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
+            slots.logits[message.slot, :message.n] = backend(slots.x[message.slot, :message.n], message.threads)
+        except DeviceOutOfMemoryError as exc:
             conn.send(Failed(message.batch_id, message.slot, f"out of device memory: {exc}"))
             continue
         conn.send(Done(message.batch_id, message.slot, time.perf_counter() - started))
@@ -151,11 +210,6 @@ def main(spec: ReplicaSpec, conn: Connection, slots: Slots) -> None:
     from service.logs import configure_logging
 
     configure_logging(spec.log_level, spec.log_format)
-    torch.set_num_threads(spec.threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass  # already set by an earlier torch call in this process
     try:
         backend, info = _build(spec, slots, PipeGate(spec, conn))
     except Exception as exc:  # reported to the parent, which restarts with backoff

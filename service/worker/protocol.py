@@ -10,11 +10,11 @@ and checks, so that a death then names the mode (workers.py skips it from then o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
 __all__ = [
     "Done", "Failed", "Fatal", "Ping", "Pong", "Ready", "ReplicaSpec", "Run", "Slots", "Stop", "ToParent",
@@ -28,8 +28,10 @@ class ReplicaSpec:
 
     worker_id: int
     variant: str
-    weights: str | None  # checkpoint file; None: random init (the parent already warned)
-    weights_sha256: str  # of that file, as the parent verified it: checked before loading; names the cache entry
+    weights: str | None  # checkpoint file; None: serve the prepared OpenVINO model (no checkpoint at hand)
+    weights_sha256: str  # of that file, as the parent verified it: checked before loading; names the prepared model
+    weights_source: str  # configured, local, fetched, random: recorded when the worker prepares the model
+    pretrained: bool
     device: str
     backend: str  # torch or openvino (resolved by the parent)
     backend_fallback: bool  # may fall back to torch when the backend cannot start (backend=auto)
@@ -46,21 +48,53 @@ class ReplicaSpec:
 
 @dataclass
 class Slots:
-    """One worker's shared-memory buffers: S slots of up to B images, and both branches' logits."""
+    """One worker's shared-memory buffers: S slots of up to B images, and both branches' logits.
 
-    x: Tensor  # (S, B, 3, H, H): branch 0's input
-    logits: Tensor  # (S, B, 2, C): branch 0 and branch 1 logits
+    Plain numpy views of one POSIX shared-memory block (no torch: the lean server has none). The
+    parent allocates and finally unlinks it; a spawned worker receives its name and attaches.
+    """
+
+    shape: tuple[int, int, int, int]  # (S, B, H, C): slots, batch, input side, classes
+    x: np.ndarray = field(init=False, repr=False)  # (S, B, 3, H, H) float32: branch 0's input
+    logits: np.ndarray = field(init=False, repr=False)  # (S, B, 2, C) float32: branch 0 and branch 1
+    _block: shared_memory.SharedMemory = field(init=False, repr=False)
 
     @classmethod
     def allocate(cls, slots: int, batch: int, size: int, num_classes: int) -> Slots:
-        return cls(
-            x=torch.zeros(slots, batch, 3, size, size).share_memory_(),  # type: ignore[no-untyped-call]
-            logits=torch.zeros(slots, batch, 2, num_classes).share_memory_(),  # type: ignore[no-untyped-call]
-        )
+        new = cls((slots, batch, size, num_classes))
+        new._attach(shared_memory.SharedMemory(create=True, size=new._bytes()))
+        return new
+
+    def _dims(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        s, b, h, c = self.shape
+        return (s, b, 3, h, h), (s, b, 2, c)
+
+    def _bytes(self) -> int:
+        x, logits = self._dims()
+        return 4 * (int(np.prod(x)) + int(np.prod(logits)))
+
+    def _attach(self, block: shared_memory.SharedMemory) -> None:
+        x, logits = self._dims()
+        self._block = block
+        self.x = np.ndarray(x, np.float32, block.buf)
+        self.logits = np.ndarray(logits, np.float32, block.buf, offset=4 * int(np.prod(x)))
+
+    def __getstate__(self) -> dict[str, Any]:  # what crosses to the spawned worker: the block's name
+        return {"shape": self.shape, "name": self._block.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.shape = state["shape"]
+        self._attach(shared_memory.SharedMemory(name=state["name"]))
 
     @property
     def count(self) -> int:
-        return int(self.x.shape[0])
+        return self.shape[0]
+
+    def release(self) -> None:
+        """The parent's last word: unmap and remove the block (the workers are gone)."""
+        del self.x, self.logits
+        self._block.close()
+        self._block.unlink()
 
 
 # -- parent -> worker ---------------------------------------------------------------------------------

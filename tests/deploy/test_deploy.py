@@ -209,7 +209,7 @@ def _pip_installs(stage: Stage) -> list[list[str]]:
 
 def _final_stages() -> dict[str, Stage]:
     _, stages = _dockerfile()
-    return {name: stages[name] for name in ("cpu", "cuda")}
+    return {name: stages[name] for name in ("cpu", "cpu-full", "cuda")}
 
 
 # ---------------------------------------------------------------- helpers: .dockerignore (moby/patternmatcher)
@@ -443,40 +443,55 @@ def test_service_routes_to_the_app_and_its_links_cannot_collide(built: list[Doc]
     assert "CROSSVIT_PORT" in _service_link_vars({"metadata": {"name": "crossvit"}, "spec": {"ports": [port]}})
 
 
-def test_init_container_fetches_into_the_servers_weights_dir(built: list[Doc], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_init_containers_fetch_and_prepare_what_the_server_reads(
+    built: list[Doc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights at run time: fetch-weights and prepare-model (cpu-full, torch inside) fill the `models` volume that
+    the lean server (cpu, no torch) reads as CROSSVIT_CACHE_DIR; it needs no checkpoint, except under the torch
+    backend (the gpu overlay), which loads the fetched checkpoint itself."""
     deployment, config = _one(built, "Deployment"), _one(built, "ConfigMap")
     settings = _validate_settings(config["data"], monkeypatch)
     assert settings.fetch_weights is False  # the init container fetched (or the image has them): never refetch
     inits = _pod_spec(deployment).get("initContainers", [])
-    server_mounts = {m["mountPath"]: m for m in _main_container(deployment)["volumeMounts"]}
-    weights = str(settings.weights_dir)
-    if not inits:  # baked-weights: the image's own /weights, no volume over it
-        assert weights not in server_mounts
-        assert _main_container(deployment)["image"].endswith(":cpu-18d")
+    server = _main_container(deployment)
+    server_mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
+    weights, models = str(settings.weights_dir), str(settings.cache_dir)
+    lean_env = _env(_final_stages()["cpu"])
+    assert models == lean_env["CROSSVIT_CACHE_DIR"]  # the init container's entries lie over the image's own
+    if not inits:  # baked-weights: the image's own prepared /opt/models, no volume over it
+        assert weights not in server_mounts and models not in server_mounts
+        assert server["image"].endswith(":cpu-18d")
         return
-    init, prepare = inits  # fetch, then convert the model for the OpenVINO backend into the same volume
+    fetch, prepare = inits  # fetch, then prepare the model for the OpenVINO backend into the models volume
     scripts = _console_scripts()
-    assert init["command"] == ["crossvit-weights"] and "crossvit-weights" in scripts
+    assert fetch["command"] == ["crossvit-weights"] and "crossvit-weights" in scripts
     assert prepare["command"] == ["crossvit-serve"] and prepare["args"] == ["--prepare-only"]
-    assert "crossvit-serve" in scripts and prepare["envFrom"] == init["envFrom"]
-    assert prepare["image"] == init["image"] and prepare["volumeMounts"] == init["volumeMounts"]
-    assert settings.cache_dir is None  # the default, <weights_dir>/.cache/models, is on that volume
-    args = init["args"]
+    assert "crossvit-serve" in scripts and prepare["envFrom"] == fetch["envFrom"]
+    args = fetch["args"]
     assert args[:2] == ["fetch", "$(CROSSVIT_MODEL)"]
     assert Path(args[args.index("--dest") + 1]) == settings.weights_dir
-    known = set(config["data"]) | {e["name"] for e in init.get("env", [])}
+    known = set(config["data"]) | {e["name"] for e in fetch.get("env", [])}
     assert set(re.findall(r"\$\((\w+)\)", " ".join(args))) <= known  # every $(VAR) expands
-    assert init["image"] == _main_container(deployment)["image"]
-    init_mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
-    assert init_mounts[weights]["name"] == server_mounts[weights]["name"]  # one shared volume
-    assert not init_mounts[weights].get("readOnly") and server_mounts[weights]["readOnly"] is True
+    fetch_mounts = {m["mountPath"]: m for m in fetch["volumeMounts"]}
+    prepare_mounts = {m["mountPath"]: m for m in prepare["volumeMounts"]}
+    assert not fetch_mounts[weights].get("readOnly") and prepare_mounts[weights]["readOnly"] is True
+    assert prepare_mounts[weights]["name"] == fetch_mounts[weights]["name"]  # one shared weights volume
+    assert not prepare_mounts[models].get("readOnly") and server_mounts[models]["readOnly"] is True
+    assert prepare_mounts[models]["name"] == server_mounts[models]["name"]  # one shared models volume
+    if settings.backend == "openvino":  # the base: the lean server with the init containers of the full image
+        assert server["image"].endswith(":cpu") and {fetch["image"], prepare["image"]} == {
+            server["image"].removesuffix(":cpu") + ":cpu-full"}
+        assert weights not in server_mounts  # no checkpoint in the lean server
+    else:  # gpu: one image throughout, whose torch backend reads the checkpoint
+        assert fetch["image"] == prepare["image"] == server["image"]
+        assert server_mounts[weights]["name"] == fetch_mounts[weights]["name"] and server_mounts[weights]["readOnly"]
 
 
 def test_baked_weights_overlay_drops_the_fetch_and_its_volume() -> None:
     deployment = _one(_build(BAKED), "Deployment")
     spec = _pod_spec(deployment)
     assert "initContainers" not in spec
-    assert "weights" not in {v["name"] for v in spec["volumes"]}
+    assert not {"weights", "models"} & {v["name"] for v in spec["volumes"]}
     assert {m["mountPath"] for m in _main_container(deployment)["volumeMounts"]} == {"/tmp", "/dev/shm"}
     # the tag the overlay's comment builds with BAKE_WEIGHTS, which the Dockerfile's weights stages take
     assert "BAKE_WEIGHTS=crossvit_18_dagger_240" in (BAKED / "kustomization.yaml").read_text()
@@ -576,11 +591,14 @@ def test_dockerfile_pulls_nothing_but_its_base_image() -> None:
 def test_dockerfile_targets() -> None:
     args, stages = _dockerfile()
     final = _final_stages()
-    assert list(stages)[-1] == "cpu"  # `docker build .` without --target builds the CPU image
-    assert final["cpu"].base == final["cuda"].base == args["BASE_IMAGE"]
+    assert list(stages)[-1] == "cpu"  # `docker build .` without --target builds the (lean) CPU image
+    assert final["cpu"].base == final["cpu-full"].base == final["cuda"].base == args["BASE_IMAGE"]
     cuda = _env(final["cuda"])
     assert "compute" in cuda["NVIDIA_DRIVER_CAPABILITIES"].split(",") and cuda["NVIDIA_VISIBLE_DEVICES"] == "all"
-    assert "NVIDIA_VISIBLE_DEVICES" not in _env(final["cpu"])
+    for name in ("cpu", "cpu-full"):
+        env = _env(final[name])
+        assert "NVIDIA_VISIBLE_DEVICES" not in env and (env["CROSSVIT_DEVICE"], env["CROSSVIT_BACKEND"]) == (
+            "cpu", "openvino"), name
 
 
 def _lock_file(words: list[str]) -> str:
@@ -596,20 +614,27 @@ def test_images_install_exactly_the_lock() -> None:
     """Every dependency comes from a lock file through install.py (pinned pip, hash-checked, nothing resolved,
     pip check); what is not hashed is torch alone, pinned and installed with --no-deps."""
     args, stages = _dockerfile()
-    cuda, cpu = _pip_installs(stages["venv-cuda"]), _pip_installs(stages["venv-cpu"])
+    venvs = ("venv-cuda", "venv-cpu-full", "venv-cpu")
+    cuda, full, lean = (_pip_installs(stages[name]) for name in venvs)
     # cuda: serve.txt as locked (PyPI's CUDA torch), then the project without resolving anything
     assert _lock_installs(stages["venv-cuda"]) == [["requirements/serve.txt"]]
-    # cpu: the pinned pip, torch from TORCH_INDEX_URL at the locked version, the rest; or serve.txt when it is empty
-    assert _lock_installs(stages["venv-cpu"]) == [[], ["requirements/serve-cpu.txt"], ["requirements/serve.txt"]]
+    # cpu-full: the pinned pip, torch from TORCH_INDEX_URL at the locked version, the rest; or serve.txt when it
+    # is empty
+    assert _lock_installs(stages["venv-cpu-full"]) == [
+        [], ["requirements/serve-cpu.txt"], ["requirements/serve.txt"]
+    ]
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
-    assert [c for c in cpu if "-r" in c] == [
+    assert [c for c in full if "-r" in c] == [
         ["-q", "--no-deps", "--index-url", "$TORCH_INDEX_URL", "-r", "requirements/torch.txt"]
     ]
-    for installs in (cuda, cpu):
+    # cpu: the lean lock alone, no torch from anywhere
+    assert _lock_installs(stages["venv-cpu"]) == [["requirements/lean.txt"]]
+    assert [c for c in lean if "-r" in c] == [] and "TORCH_INDEX_URL" not in " ".join(stages["venv-cpu"].all("ARG"))
+    for installs in (cuda, full, lean):
         project = [c for c in installs if "-r" not in c]
         assert project == [["-q", "--no-deps", "--no-build-isolation", "."]]
         assert all("--no-deps" in words for words in installs)  # nothing resolved freely
-    for name in ("venv-cuda", "venv-cpu"):
+    for name in venvs:
         assert ["/opt/venv/bin/python", "-m", "pip", "check"] in _run_commands(stages[name]), name
     assert any("requirements/install.py" in copy.split() for copy in stages["build"].all("COPY"))
 
@@ -630,18 +655,45 @@ def test_final_stages_run_as_a_user_and_serve() -> None:
         assert stage.all("EXPOSE") == [f"{DEFAULT_PORT} {PROBE_PORT}"], name
         assert json.loads(stage.all("CMD")[-1]) == ["crossvit-serve"] and "crossvit-serve" in scripts
         env = _env(stage)
+        # random weights only when asked at run time (make image-test asks; the server flags them)
         assert env["CROSSVIT_HOST"] == "0.0.0.0" and env["CROSSVIT_ALLOW_RANDOM_WEIGHTS"] == "false"
         assert env["CROSSVIT_WEIGHTS_DIR"] == "/weights"
         assert env["PATH"].startswith("/opt/venv/bin:")
-        # only built artefacts reach the final stage: its own target's venv and weights folder
+        # only built artefacts reach the final stage: its own target's venv and weights folder, or for the lean
+        # cpu image the prepared models alone (no checkpoint)
         copies = [shlex.split(c) for c in stage.all("COPY")]
-        assert {(c[0], c[-1]) for c in copies} == {(f"--from=venv-{name}", "/opt/venv"),
-                                                   (f"--from=weights-{name}", env["CROSSVIT_WEIGHTS_DIR"])}, name
+        artefact = ("--from=models-cpu", env["CROSSVIT_CACHE_DIR"]) if name == "cpu" else (
+            f"--from=weights-{name}", env["CROSSVIT_WEIGHTS_DIR"])
+        assert {(c[0], c[-1]) for c in copies} == {(f"--from=venv-{name}", "/opt/venv"), artefact}, name
+
+
+def test_the_lean_image_serves_what_a_stage_with_torch_prepared() -> None:
+    """cpu: torch only in the stage that runs --prepare-only into CROSSVIT_CACHE_DIR; the image reads it there
+    and cannot fetch. Random entries only without BAKE_WEIGHTS, and the image does not serve them by default."""
+    _, stages = _dockerfile()
+    models, lean = stages["models-cpu"], _env(_final_stages()["cpu"])
+    assert "venv-cpu-full" in {s.name for s in _ancestors(models)}  # CPU torch, as cpu-full has it
+    assert _env(models)["CROSSVIT_CACHE_DIR"] == lean["CROSSVIT_CACHE_DIR"] == "/opt/models"
+    assert lean["CROSSVIT_FETCH_WEIGHTS"] == "false" and lean["CROSSVIT_ALLOW_RANDOM_WEIGHTS"] == "false"
+    (run,) = [args for kw, args in models.own if kw == "RUN"]
+    baked, _, unbaked = run.partition(" else ")
+    assert 'CROSSVIT_MODEL="$BAKE_WEIGHTS" /opt/venv/bin/crossvit-serve --prepare-only' in baked
+    assert "ALLOW_RANDOM" not in baked
+    assert "for model in $RANDOM_MODELS" in unbaked and "CROSSVIT_ALLOW_RANDOM_WEIGHTS=true" in unbaked
+    assert {a.partition("=")[0] for a in models.all("ARG")} >= {"BAKE_WEIGHTS", "RANDOM_MODELS"}
+
+
+def _ancestors(stage: Stage) -> list[Stage]:
+    found = []
+    while stage.parent is not None:
+        stage = stage.parent
+        found.append(stage)
+    return found
 
 
 def test_bake_weights_fetches_into_the_weights_dir() -> None:
     _, stages = _dockerfile()
-    for name in ("weights-cpu", "weights-cuda"):
+    for name in ("fetched-cpu", "weights-cuda"):  # fetched-cpu: for cpu-full and for cpu's prepared model
         run = " ".join(args for kw, args in stages[name].own if kw == "RUN")
         assert 'crossvit-weights fetch "$BAKE_WEIGHTS" --dest /weights' in run, name
         assert "crossvit-weights verify /weights" in run, name
@@ -665,7 +717,7 @@ def test_copy_sources_exist_and_are_in_the_build_context() -> None:
         assert matches, source
         for match in matches:
             assert not _ignored(match), f"{match} is COPY'd but .dockerignore leaves it out"
-    assert {f"requirements/{n}.txt" for n in ("serve", "serve-cpu", "torch")} <= set(glob.glob(
+    assert {f"requirements/{n}.txt" for n in ("serve", "serve-cpu", "torch", "lean")} <= set(glob.glob(
         "requirements/*.txt", root_dir=REPO))
     # package data the image needs (pyproject's package-data) is not ignored either
     assert not _ignored("weights/imagenet_classes.txt")
@@ -711,7 +763,7 @@ def test_dockerignore_leaves_out(path: str) -> None:
 @pytest.mark.parametrize(
     "path", ["pyproject.toml", "README.md", "model/crossvit.py", "service/settings.py", "weights/cli.py",
              "weights/labels.py", "weights/imagenet_classes.txt", "requirements/serve.txt",
-             "requirements/serve-cpu.txt", "requirements/torch.txt", "client/cli.py"],
+             "requirements/serve-cpu.txt", "requirements/torch.txt", "requirements/lean.txt", "client/cli.py"],
 )
 def test_dockerignore_keeps(path: str) -> None:
     assert not _ignored(path)
@@ -804,14 +856,19 @@ def test_compose_services() -> None:
         assert service["restart"] in ("unless-stopped", "always", "on-failure"), name
         (mapping,) = service["ports"]
         assert int(str(mapping).rsplit(":", 1)[1]) == int(service["environment"]["CROSSVIT_PORT"]) == DEFAULT_PORT
-        image_env = _env(stages[service["build"]["target"]])
-        weights_dir = service["environment"].get("CROSSVIT_WEIGHTS_DIR", image_env["CROSSVIT_WEIGHTS_DIR"])
-        volume = next(v for v in service["volumes"] if v.split(":")[1] == weights_dir)
-        assert volume.split(":")[0] in compose["volumes"]
         grace = float(service["stop_grace_period"].removesuffix("s"))
         assert grace > float(service["environment"]["CROSSVIT_SHUTDOWN_TIMEOUT_S"]), name
-    assert "profiles" not in services["crossvit"]
+    # the lean image serves the model its build prepared from the baked checkpoint of CROSSVIT_MODEL: no
+    # volume, no fetching (it cannot: no torch)
+    cpu = services["crossvit"]
+    assert "profiles" not in cpu and cpu["build"]["target"] == "cpu" and "volumes" not in cpu
+    assert cpu["build"]["args"]["BAKE_WEIGHTS"] == cpu["environment"]["CROSSVIT_MODEL"]
+    assert cpu["environment"]["CROSSVIT_FETCH_WEIGHTS"] == "false"
     gpu = services["crossvit-gpu"]
+    # the cuda image fetches into its named volume on the first start
+    weights_dir = gpu["environment"].get("CROSSVIT_WEIGHTS_DIR", _env(stages["cuda"])["CROSSVIT_WEIGHTS_DIR"])
+    volume = next(v for v in gpu["volumes"] if v.split(":")[1] == weights_dir)
+    assert volume.split(":")[0] in compose["volumes"]
     assert gpu["profiles"] == ["gpu"] and gpu["build"]["target"] == "cuda"
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]

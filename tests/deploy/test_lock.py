@@ -6,6 +6,7 @@ Regenerate them with `make lock` whenever these tests say they are stale.
 from __future__ import annotations
 
 import importlib.util
+import stat
 import sys
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
@@ -19,7 +20,11 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[2]
-HASHED = ("dev", "serve", "serve-cpu")
+HASHED = ("dev", "serve", "serve-cpu", "lean")
+# What only torch brings (its CPU-side dependencies, the CUDA stack aside) or what only the torch extra lists:
+# none of it belongs in the lean server's lock.
+TORCH_ONLY = {"torch", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "fsspec", "filelock", "safetensors",
+              "huggingface-hub", "hf-xet"}
 
 
 def _load_lock_tool() -> ModuleType:
@@ -80,11 +85,33 @@ def test_the_digest_sees_a_new_dependency_but_not_reordering() -> None:
 
 def test_every_requirement_is_pinned_within_its_bounds() -> None:
     data = lock.inputs()
-    runtime = [*data["dependencies"], *data["build"]]
-    for name, requirements in (("dev", [*runtime, *data["dev"]]), ("serve", runtime)):
+    lean = [*data["dependencies"], *data["build"]]
+    served = [*lean, *data["torch"]]
+    for name, requirements in (("dev", [*served, *data["dev"]]), ("serve", served), ("lean", lean)):
         assert _disagreements(requirements, _pins(name)) == [], name
         assert _disagreements(data["constraints"], _pins(name), required=False) == [], name
     assert "openvino>=2025.1" in data["dependencies"]  # the CPU backend is a runtime dependency
+    # the lean server: torch and what only the torch side needs are the extra's
+    assert not {lock.normalise(Requirement(r).name) for r in data["dependencies"]} & TORCH_ONLY
+    assert {lock.normalise(Requirement(r).name) for r in data["torch"]} == {"torch", "safetensors", "huggingface-hub"}
+    assert set(data["torch"]) <= set(data["dev"])  # dev takes the torch extra in (`crossvit-serve[torch]`)
+
+
+def test_references_to_the_projects_own_extras_are_expanded() -> None:
+    """pip reads `crossvit-serve[torch]` in the dev extra as "the torch extra's requirements"; uv, given the
+    list alone, would look crossvit-serve up on PyPI."""
+    project = {"name": "Crossvit_Serve", "optional-dependencies": {
+        "torch": ["torch>=2.4", "safetensors>=0.4"],
+        "tools": ["ruff>=0.5"],
+        "dev": ["crossvit-serve[torch, tools]", "pytest>=8", "tritonclient[http]>=2.40"],
+    }}
+    assert lock._extra(project, "dev") == ["torch>=2.4", "safetensors>=0.4", "ruff>=0.5", "pytest>=8",
+                                           "tritonclient[http]>=2.40"]
+    looping = {"name": "crossvit-serve", "optional-dependencies": {"a": ["crossvit-serve[b]"],
+                                                                   "b": ["crossvit-serve[a]"]}}
+    with pytest.raises(SystemExit, match="cycle"):
+        lock._extra(looping, "a")
+    assert all(not r.replace(" ", "").lower().startswith("crossvit-serve[") for r in lock.inputs()["dev"])
 
 
 def test_disagreements_are_found() -> None:
@@ -99,7 +126,7 @@ def test_disagreements_are_found() -> None:
 def test_pins_are_exact_hashed_pypi_releases(name: str) -> None:
     text = lock.LOCKS[name].read_text()
     pins = _pins(name)
-    assert len(pins) >= 50
+    assert len(pins) >= (30 if name == "lean" else 50)
     for pin in pins:
         assert pin.hashes and all(h.startswith("sha256:") for h in pin.hashes), pin.name
         assert Version(pin.version).local is None, pin  # a local build (`+cpu`) is not on PyPI
@@ -120,6 +147,35 @@ def test_serve_is_dev_at_the_same_versions_and_cpu_drops_only_the_cuda_stack() -
     assert {"sympy", "networkx", "filelock", "jinja2", "fsspec", "typing-extensions"} <= {n for n, _, _ in cpu}
     assert _key(_pins("torch")) == {k for k in serve if k[0] == "torch"}
     assert not any(p.hashes for p in _pins("torch"))  # the `+cpu` wheels are not PyPI's files
+
+
+def test_lean_is_the_cpu_image_without_torch_at_the_same_versions() -> None:
+    """The lean server runs what the tests ran, less torch and everything only the torch side needs."""
+    dev, cpu, lean = _key(_pins("dev")), _key(_pins("serve-cpu")), _key(_pins("lean"))
+    assert lean <= cpu <= dev
+    names = {name for name, _, _ in lean}
+    assert not names & TORCH_ONLY and not any(lock.CUDA_STACK.match(n) for n in names), names & TORCH_ONLY
+    assert {"openvino", "numpy", "fastapi", "uvicorn", "pillow", "setuptools"} <= names
+
+
+def test_relocking_keeps_the_pins_of_the_previous_lock(tmp_path: Path) -> None:
+    """uv prefers the versions its --output-file pins: lock.py hands it the previous lock there, so `make lock`
+    after a dependency change moves only what that change needs (a stand-in for uv records what it was given)."""
+    uv = tmp_path / "uv"
+    uv.write_text(
+        "#!/bin/sh\n"
+        'while [ "$#" -gt 1 ]; do [ "$1" = --output-file ] && out="$2"; shift; done\n'
+        'cp "$out" "$out.seen" 2>/dev/null; echo "fresh==1.0" > "$out"\n'
+    )
+    uv.chmod(uv.stat().st_mode | stat.S_IXUSR)
+    previous = tmp_path / "previous.txt"
+    previous.write_text("kept==0.9\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    assert lock._compile(str(uv), ["kept"], [], work, "dev", keep=previous) == "fresh==1.0\n"
+    assert (work / "dev.out.txt.seen").read_text() == "kept==0.9\n"  # uv saw the previous pins
+    assert lock._compile(str(uv), ["kept"], [], work, "lean") == "fresh==1.0\n"
+    assert not (work / "lean.out.txt.seen").exists()  # without a previous lock, nothing to keep
 
 
 def test_this_environment_is_the_lock() -> None:

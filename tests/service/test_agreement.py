@@ -31,22 +31,22 @@ def _scipy_js(b0: np.ndarray, b1: np.ndarray) -> float:
 
 def test_identical_branches_agree_with_zero_divergence() -> None:
     logits = torch.randn(3, 1, 1000).expand(3, 2, 1000)
-    for found in branch_agreement(logits):
+    for found in branch_agreement(logits.numpy()):
         assert found.top1_agree and found.js_divergence == pytest.approx(0, abs=1e-6)
 
 
 def test_confident_disjoint_branches_reach_one() -> None:
     logits = torch.full((1, 2, 1000), -50.0)
     logits[0, 0, 3] = logits[0, 1, 7] = 50.0  # each branch sure of a different class
-    (found,) = branch_agreement(logits)
+    (found,) = branch_agreement(logits.numpy())
     assert not found.top1_agree and found.js_divergence == pytest.approx(1, abs=1e-6)
 
 
 def test_matches_scipy_on_random_logits_and_is_symmetric() -> None:
     torch.manual_seed(1)
     logits = torch.randn(16, 2, 1000) * torch.tensor([0.1, 1.0, 3.0, 10.0]).repeat(4)[:, None, None]
-    found = branch_agreement(logits)
-    swapped = branch_agreement(logits.flip(1))
+    found = branch_agreement(logits.numpy())
+    swapped = branch_agreement(logits.flip(1).numpy())
     for row, (a, b) in enumerate(zip(found, swapped, strict=True)):
         expected = _scipy_js(logits[row, 0].numpy(), logits[row, 1].numpy())
         assert a.js_divergence == pytest.approx(expected, rel=1e-4, abs=1e-7)

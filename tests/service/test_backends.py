@@ -1,6 +1,6 @@
-"""The inference backends against timm and PyTorch fp32: numerics, modes, the model cache, selection.
+"""The inference backends against timm and PyTorch fp32: numerics, modes, the prepared models, selection.
 
-OpenVINO models are converted from our `CrossViT` through the real conversion and cache code.
+OpenVINO models are prepared from our `CrossViT` through the real preparation and cache code.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import torch
 
 from model import CrossViT, create_model, list_variants
 from service.settings import Settings
-from service.worker.backends import Built, Probe, build_openvino, build_torch, cache_key, resolve_backend
-from service.worker.backends.openvino_runtime import convert_cached, modes_for
+from service.worker.backends import Built, build_openvino, cache_key, resolve_backend
+from service.worker.backends.openvino_prepare import prepare_openvino
+from service.worker.backends.openvino_runtime import modes_for
+from service.worker.backends.pytorch_runtime import build_torch, reference_probe
 
 VARIANT = "crossvit_tiny_240"
 
@@ -34,22 +36,30 @@ def _timm_and_ours(variant: str) -> tuple[torch.nn.Module, CrossViT]:
 
 
 def _openvino(
-    model: CrossViT, precision: str, cache_dir: Path | None = None, threads: tuple[int, ...] = (1,)
+    model: CrossViT, precision: str, cache_dir: Path | None = None, threads: tuple[int, ...] = (1,),
+    variant: str = VARIANT,
 ) -> tuple[Built, dict[str, Any]]:
-    return build_openvino(model, key=cache_key("test", "0" * 64), cache_dir=cache_dir, precision=precision,
-                          threads=threads, probe=Probe.of(model))
+    folder, source = prepare_openvino(model, cache_dir, variant=variant, sha256="0" * 64, source="random",
+                                      pretrained=False)
+    built, info = build_openvino(folder, precision=precision, threads=threads)
+    return built, {**info, "model_source": source}
+
+
+def _run(built: Built, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    """The backend on a torch batch (backends take and give numpy), as a torch tensor for the comparisons."""
+    return torch.from_numpy(built.backend(x.numpy(), threads).copy())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list_variants())
 def test_openvino_fp32_equals_timm(variant: str) -> None:
     oracle, ours = _timm_and_ours(variant)
-    built, _ = _openvino(ours, "fp32")
+    built, _ = _openvino(ours, "fp32", variant=variant)
     size = ours.config.img_size[0]
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected_mean = oracle(x)
-    logits = built.backend(x, 1).clone()  # (3, 2, 1000)
+    logits = _run(built, x)  # (3, 2, 1000)
     assert built.backend.mode == "fp32" and built.backend.agreement.is_exact()
     assert _rel_err(logits.mean(1), expected_mean) <= 1e-4
     assert (logits.mean(1).topk(5).indices == expected_mean.topk(5).indices).all()
@@ -59,7 +69,7 @@ def test_bf16_is_guarded_and_its_logits_come_from_fp32_heads() -> None:
     _, ours = _timm_and_ours(VARIANT)
     built, info = _openvino(ours, "bf16")
     x = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(2))
-    logits = built.backend(x, 1)
+    logits = _run(built, x)
     assert built.backend.mode == "bf16" and built.backend.agreement.cosine >= 0.9999
     assert not built.backend.agreement.is_exact()  # bf16 really ran: not fp32 in disguise
     representable = logits.to(torch.bfloat16).float() == logits
@@ -76,26 +86,27 @@ def test_auto_takes_the_fastest_mode_that_passes() -> None:
 
 def test_fp32_torch_backend_is_pytorch_itself() -> None:
     oracle, ours = _timm_and_ours(VARIANT)
-    probe = Probe.of(ours)
+    probe = reference_probe(ours)
     built = build_torch(ours, "fp32", torch.device("cpu"), probe)
     assert built.backend.name == "torch" and built.backend.agreement.is_exact()
     x = torch.randn(2, 3, 240, 240)
     with torch.inference_mode():
         expected = oracle(x)
-    torch.testing.assert_close(built.backend(x, 1).mean(1), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_run(built, x).mean(1), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_every_thread_count_computes_the_same() -> None:
     _, ours = _timm_and_ours(VARIANT)
     built, _ = _openvino(ours, "fp32", threads=(1, 2))
     x = torch.randn(3, 3, 240, 240)
-    one = built.backend(x, 1).clone()
-    torch.testing.assert_close(built.backend(x, 2), one, rtol=1e-5, atol=1e-5)
+    one = _run(built, x, 1)
+    torch.testing.assert_close(_run(built, x, 2), one, rtol=1e-5, atol=1e-5)
 
 
 def _convert_in_child(cache_dir: str, queue: multiprocessing.Queue[str]) -> None:
     torch.manual_seed(0)
-    _, source = convert_cached(create_model(VARIANT), "shared-key", Path(cache_dir))
+    _, source = prepare_openvino(create_model(VARIANT), Path(cache_dir), variant=VARIANT, sha256="0" * 64,
+                                 source="random", pretrained=False)
     queue.put(source)
 
 
@@ -108,17 +119,18 @@ def test_the_cache_converts_once_even_for_workers_starting_together(tmp_path: Pa
     for worker in workers:
         worker.join(timeout=300)
         assert worker.exitcode == 0
-    assert sorted(queue.get(timeout=5) for _ in workers) == ["cache", "converted"]
-    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["shared-key"]  # no scratch left behind
+    assert sorted(queue.get(timeout=5) for _ in workers) == ["cache", "prepared"]
+    # one prepared folder, no scratch left behind
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [cache_key(VARIANT, "0" * 64)]
 
 
 def test_a_cached_model_computes_what_a_fresh_conversion_does(tmp_path: Path) -> None:
     _, ours = _timm_and_ours(VARIANT)
     first, info_first = _openvino(ours, "fp32", cache_dir=tmp_path)
     second, info_second = _openvino(ours, "fp32", cache_dir=tmp_path)
-    assert (info_first["model_source"], info_second["model_source"]) == ("converted", "cache")
+    assert (info_first["model_source"], info_second["model_source"]) == ("prepared", "cache")
     x = torch.randn(2, 3, 240, 240)
-    torch.testing.assert_close(second.backend(x, 1).clone(), first.backend(x, 1).clone(), rtol=0, atol=0)
+    torch.testing.assert_close(_run(second, x), _run(first, x), rtol=0, atol=0)
 
 
 def test_a_complete_entry_is_read_without_the_lock(tmp_path: Path) -> None:
@@ -137,12 +149,12 @@ def test_an_unwritable_cache_still_serves(tmp_path: Path) -> None:
     blocked.write_text("not a folder")
     _, ours = _timm_and_ours(VARIANT)
     built, info = _openvino(ours, "fp32", cache_dir=blocked / "cache")
-    assert info["model_source"] == "converted, not cached" and built.backend.agreement.is_exact()
+    assert info["model_source"] == "prepared, not cached" and built.backend.agreement.is_exact()
 
 
 def test_cache_key_names_what_determines_the_model() -> None:
     a, b = cache_key("crossvit_9_dagger_240", "a" * 64), cache_key("crossvit_9_dagger_240", "b" * 64)
-    assert a != b and a.startswith("crossvit_9_dagger_240-aaaaaaaaaaaaaaaa-ov20")
+    assert a != b and a.startswith("crossvit_9_dagger_240-aaaaaaaaaaaaaaaa-ov20") and a.endswith("-p3")
 
 
 @pytest.mark.parametrize(("setting", "device", "precision", "expected"), [

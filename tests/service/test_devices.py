@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from model.runtime import Mode
-from service.inference.placement import plan_workers, usable_cpus
+from service.inference import placement
+from service.inference.placement import cuda_device_count, plan_workers, usable_cpus
 from service.worker.backends.pytorch_runtime import choose_mode
 from tests.conftest import Reference, run_server
 from tests.photos import encode, photo
@@ -34,6 +35,10 @@ def test_cgroup_v1_quota_caps_the_cpu_count(tmp_path: Path) -> None:
     assert usable_cpus(tmp_path) == 1  # half a core still gets one worker
 
 
+def test_no_nvidia_device_nodes_means_no_cuda_without_importing_torch(tmp_path: Path) -> None:
+    assert cuda_device_count(tmp_path) == 0  # a /dev without nvidiactl
+
+
 def test_cpu_plan_splits_the_cores() -> None:
     cpus = usable_cpus()
     plan = plan_workers("cpu", "auto", "auto")
@@ -45,8 +50,7 @@ def test_cpu_plan_splits_the_cores() -> None:
 @pytest.fixture
 def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend two CUDA devices are visible: placement logic only, nothing touches a GPU."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(placement, "cuda_device_count", lambda: 2)
 
 
 @pytest.mark.usefixtures("two_gpus")
@@ -60,7 +64,7 @@ def test_auto_places_one_worker_set_per_gpu() -> None:
 
 
 def test_cuda_requested_without_a_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(placement, "cuda_device_count", lambda: 0)
     with pytest.raises(RuntimeError, match="no CUDA device is visible"):
         plan_workers("cuda", "auto", "auto")
     assert {p.device for p in plan_workers("auto", "auto", "auto")} == {"cpu"}

@@ -16,7 +16,8 @@ import torch
 
 from model.runtime import Mode, prepare
 from model.variants import create_model
-from service.worker.backends import GUARD_COSINE, Probe, build_torch
+from service.worker.backends import GUARD_COSINE
+from service.worker.backends.pytorch_runtime import build_torch, reference_probe
 from tests.conftest import TEST_VARIANT, Reference, engine_of, pids_of, run_server, until
 from tests.service.serving import classify
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.gpu
 def test_the_guard_admits_or_refuses_each_reduced_precision_on_cuda(precision: str) -> None:
     torch.manual_seed(0)
     model = create_model(TEST_VARIANT).eval()
-    probe = Probe.of(model)  # PyTorch fp32 on the CPU: the yardstick, as in a worker
+    probe = reference_probe(model)  # PyTorch fp32 on the CPU: the yardstick, as in a worker
     built = build_torch(model, precision, torch.device("cuda:0"), probe)
     assert built.requested == f"{precision}-autocast"
     if built.rejected:  # refused: the worker serves fp32, and says why

@@ -17,8 +17,10 @@ import torch
 
 from model.variants import create_model
 from service.settings import Settings
-from service.worker.backends import Probe, build_openvino, build_torch, cache_key
+from service.worker.backends import build_openvino
+from service.worker.backends.openvino_prepare import prepare_openvino
 from service.worker.backends.openvino_runtime import modes_for
+from service.worker.backends.pytorch_runtime import build_torch, reference_probe
 from tests.conftest import TEST_VARIANT, Reference, run_server
 from tests.photos import encode, photo
 
@@ -75,19 +77,19 @@ def test_a_crashing_bf16_falls_back_to_openvino_fp32(reference: Reference) -> No
 def test_build_functions_ask_the_gate_before_each_mode(tmp_path: object) -> None:
     torch.manual_seed(0)
     model = create_model(TEST_VARIANT).eval()
-    probe = Probe.of(model)
+    probe = reference_probe(model)
     gate = _Skips("torch/bf16-autocast")
     built = build_torch(model, "bf16", torch.device("cpu"), probe, gate)
     assert built.backend.mode == "fp32" and gate.tried == ["torch/fp32"]
     with pytest.raises(RuntimeError, match="PyTorch fp32, the last mode"):
         build_torch(model, "fp32", torch.device("cpu"), probe, _Skips("torch/fp32"))
     gate = _Skips("openvino/bf16")
-    built, _ = build_openvino(model, key=cache_key("test", "0" * 64), cache_dir=None, precision="auto", threads=[1],
-                              probe=probe, gate=gate)
+    folder, _ = prepare_openvino(model, None, variant=TEST_VARIANT, sha256="0" * 64, source="random",
+                                 pretrained=False)
+    built, _ = build_openvino(folder, precision="auto", threads=[1], gate=gate)
     assert built.backend.mode == "fp32" and gate.tried == ["openvino/fp32"]
     with pytest.raises(RuntimeError, match="every OpenVINO mode"):
-        build_openvino(model, key="k", cache_dir=None, precision="fp32", threads=[1], probe=probe,
-                       gate=_Skips("openvino/fp32"))
+        build_openvino(folder, precision="fp32", threads=[1], gate=_Skips("openvino/fp32"))
 
 
 def test_the_abort_setting_takes_mode_names_only() -> None:

@@ -28,7 +28,8 @@ from model.variants import create_model
 from service.inference import pool
 from service.inference.pool import shared_threads
 from service.inference.watchdog import InferenceTimes, WatchdogConfig
-from service.worker.backends import GUARD_COSINE, Probe, build_torch
+from service.worker.backends import GUARD_COSINE, Probe
+from service.worker.backends.pytorch_runtime import build_torch, reference_probe
 from tests.conftest import TEST_VARIANT, Reference, engine_of, pids_of, run_server, until, wait_ready
 from tests.service.serving import batches, classify, metric, ready_status, stopped
 
@@ -307,13 +308,13 @@ def test_a_mode_failing_the_accuracy_guard_falls_back_to_fp32() -> None:
     torch.manual_seed(1)
     stranger = create_model(TEST_VARIANT).eval()  # a probe no reduced precision of `model` can match
     cpu = torch.device("cpu")
-    failed = build_torch(model, "bf16", cpu, Probe.of(stranger))
+    failed = build_torch(model, "bf16", cpu, reference_probe(stranger))
     assert failed.requested == "bf16-autocast" and failed.backend.mode == "fp32"
     [(mode, agreement)] = failed.rejected
     assert mode == "bf16-autocast" and agreement.cosine < GUARD_COSINE
-    probe = Probe.of(model)
+    probe = reference_probe(model)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        own = torch.stack(model.branch_logits(probe.x), dim=1).float()
+        own = torch.stack(model.branch_logits(torch.from_numpy(probe.x)), dim=1).float().numpy()
     passed = build_torch(model, "bf16", cpu, Probe(probe.x, own))  # a yardstick bf16 itself meets
     assert passed.backend.mode == "bf16-autocast" and not passed.rejected
     assert passed.backend.agreement.passes_guard()

@@ -128,7 +128,7 @@ def test_json_form_equals_binary_form(triton_client: triton.InferenceServerClien
 
 def test_preprocessed_pixels_equal_the_image_path(triton_client: triton.InferenceServerClient) -> None:
     spec = InputSpec.from_variant(get_variant(MODEL))
-    pixels = np.stack([preprocess(data, spec, max_pixels=40_000_000).pixels.numpy() for data in (JPEG, PNG)])
+    pixels = np.stack([preprocess(data, spec, max_pixels=40_000_000).pixels for data in (JPEG, PNG)])
     tensor = triton.InferInput("pixels", list(pixels.shape), "FP32")
     tensor.set_data_from_numpy(pixels.astype(np.float32))
     from_pixels = triton_client.infer(MODEL, [tensor]).as_numpy("logits")

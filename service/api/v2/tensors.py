@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from pydantic import ValidationError
 
 from ...errors import BadRequestError, InvalidParameterError, PayloadTooLargeError, too_many_images
@@ -47,7 +46,7 @@ class Decoded:
 
     id: str | None
     images: list[bytes] | None
-    pixels: torch.Tensor | None  # (N, 3, side, side) float32
+    pixels: np.ndarray | None  # (N, 3, side, side) float32
     outputs: list[Requested]
 
     @property
@@ -143,7 +142,7 @@ def _images(tensor: RequestInput, raw: bytes | None, limits: Limits) -> list[byt
     return images
 
 
-def _pixels(tensor: RequestInput, raw: bytes | None, limits: Limits) -> torch.Tensor:
+def _pixels(tensor: RequestInput, raw: bytes | None, limits: Limits) -> np.ndarray:
     side = limits.side
     if tensor.datatype != "FP32":
         raise _bad(f"input '{PIXELS}' must be FP32, got {tensor.datatype}")
@@ -168,7 +167,7 @@ def _pixels(tensor: RequestInput, raw: bytes | None, limits: Limits) -> torch.Te
         raise InvalidParameterError(
             f"input '{PIXELS}' must hold finite normalised values within +-{MAX_ABS_PIXEL:g}", code="invalid_pixels"
         )
-    return torch.from_numpy(values).reshape(count, 3, side, side)
+    return values.reshape(count, 3, side, side)
 
 
 def _outputs(request: InferenceRequest, limits: Limits) -> list[Requested]:
@@ -234,8 +233,8 @@ def build_outputs(decoded: Decoded, result: Classification) -> list[codec.Output
                 shape = [n, 2, k]
             tensors.append(codec.OutputTensor(out.name, "BYTES", shape, _classes(rows), out.binary))
             continue
-        logits = result.logits.mean(dim=1) if out.name == LOGITS else result.logits  # (n, C) or (n, 2, C)
-        array = logits.numpy().astype(np.float32, copy=False)
+        logits = result.logits.mean(axis=1) if out.name == LOGITS else result.logits  # (n, C) or (n, 2, C)
+        array = logits.astype(np.float32, copy=False)
         tensors.append(codec.OutputTensor(out.name, "FP32", list(array.shape), array, out.binary))
     return tensors
 

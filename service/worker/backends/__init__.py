@@ -1,12 +1,14 @@
 """Inference backends a worker can run: PyTorch (CPU, CUDA) and OpenVINO (CPU).
 
 The parent picks the backend (`resolve_backend`, logged with its reason); the worker builds it
-(`build_backend`) from the loaded model and admits a compute mode only after comparing its logits
-with PyTorch fp32 on the same weights.
+(`build_backend`) and admits a compute mode only after comparing its logits with PyTorch fp32 on
+the same weights. Importing this package imports no torch: the PyTorch backend and the OpenVINO
+preparation (pytorch_runtime, openvino_prepare) are imported where they are used.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from ...settings import openvino_conflict
@@ -17,14 +19,15 @@ from .base import (
     Agreement,
     Backend,
     Built,
+    DeviceOutOfMemoryError,
     ModeGate,
     OpenGate,
     Probe,
     mode_key,
 )
 from .openvino_runtime import available as openvino_available
-from .openvino_runtime import build_openvino, cache_key
-from .pytorch_runtime import build_torch
+from .openvino_runtime import build_openvino
+from .prepared import NotPreparedError, cache_key, is_complete
 
 __all__ = [
     "EXACT_COSINE",
@@ -34,15 +37,26 @@ __all__ = [
     "Backend",
     "BackendChoice",
     "Built",
+    "DeviceOutOfMemoryError",
     "ModeGate",
+    "NotPreparedError",
     "OpenGate",
     "Probe",
     "build_openvino",
-    "build_torch",
     "cache_key",
+    "is_complete",
     "mode_key",
     "resolve_backend",
+    "torch_available",
 ]
+
+
+def torch_available() -> bool:
+    """Whether torch is installed (without importing it): the lean CPU install has none."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except ImportError:  # a finder that refuses it outright
+        return False
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,10 @@ class BackendChoice:
 def resolve_backend(setting: str, device: str, precision: str) -> BackendChoice:
     """`auto`: OpenVINO for CPU workers where the package imports, PyTorch for CUDA (and for fp16)."""
     on_cuda = device.startswith("cuda")
+    if setting == "torch" or (setting == "auto" and (on_cuda or precision == "fp16")):
+        if not torch_available():
+            raise ValueError(f"{'CROSSVIT_BACKEND=torch' if setting == 'torch' else 'CUDA or fp16'} needs the "
+                             "PyTorch backend, and torch is not installed (pip install 'crossvit-serve[torch]')")
     if setting == "torch":
         return BackendChoice("torch", "CROSSVIT_BACKEND=torch", fallback=False)
     if setting == "openvino":
@@ -69,5 +87,7 @@ def resolve_backend(setting: str, device: str, precision: str) -> BackendChoice:
         return BackendChoice("torch", "auto: fp16 asked for, which only PyTorch runs", fallback=False)
     if not openvino_available():
         return BackendChoice("torch", "auto: the openvino package is not installed", fallback=False)
+    if not torch_available():
+        return BackendChoice("openvino", "auto: CPU worker, OpenVINO installed and torch not", fallback=False)
     reason = "auto: CPU worker and OpenVINO installed (faster than PyTorch eager, bench/README.md)"
     return BackendChoice("openvino", reason, fallback=True)

@@ -10,10 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
-from torch import Tensor
-
-from model import CrossViT
+import numpy as np
 
 __all__ = [
     "EXACT_COSINE",
@@ -22,6 +19,7 @@ __all__ = [
     "Agreement",
     "Backend",
     "Built",
+    "DeviceOutOfMemoryError",
     "ModeGate",
     "OpenGate",
     "Probe",
@@ -33,6 +31,11 @@ GUARD_COSINE = 0.9999  # worst per-image logit cosine to fp32 a reduced precisio
 EXACT_COSINE = 0.99999
 EXACT_REL_ERR = 1e-4
 PROBE_IMAGES = 4
+PROBE_SEED = 0  # of torch's generator: the noise every mode of every worker is checked on
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """A batch did not fit the device's memory (CUDA); the worker answers it failed and lives on."""
 
 
 class Backend(Protocol):
@@ -50,11 +53,11 @@ class Backend(Protocol):
         """The compute mode admitted, e.g. "fp32", "bf16", "bf16-autocast"."""
         ...
 
-    def __call__(self, x: Tensor, threads: int) -> Tensor:
-        """(n, 3, H, W) fp32 -> (n, 2, C) fp32 logits, computed on `threads` CPU threads."""
+    def __call__(self, x: np.ndarray, threads: int) -> np.ndarray:
+        """(n, 3, H, W) float32 -> (n, 2, C) float32 logits, computed on `threads` CPU threads."""
         ...
 
-    def warm_up(self, x: Tensor) -> None:
+    def warm_up(self, x: np.ndarray) -> None:
         """Run every batch size of `x` (1..len(x)) at every thread count the parent may ask for."""
         ...
 
@@ -100,24 +103,21 @@ class Agreement:
 
 @dataclass(frozen=True)
 class Probe:
-    """A fixed batch of noise images and PyTorch fp32's logits for it: the yardstick of every mode."""
+    """A fixed batch of noise images and PyTorch fp32's logits for it: the yardstick of every mode.
 
-    x: Tensor  # (PROBE_IMAGES, 3, H, W)
-    reference: Tensor  # (PROBE_IMAGES, 2, C)
+    Made where torch is (a torch worker, or the preparation, which stores it beside the OpenVINO
+    model), so a worker without torch checks its mode against the same yardstick."""
 
-    @classmethod
-    def of(cls, model: CrossViT) -> Probe:
-        size = model.config.img_size[0]
-        x = torch.randn(PROBE_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            reference = torch.stack(model.eval().branch_logits(x), dim=1).float()
-        return cls(x, reference)
+    x: np.ndarray  # (PROBE_IMAGES, 3, H, W)
+    reference: np.ndarray  # (PROBE_IMAGES, 2, C)
 
-    def compare(self, candidate: Tensor) -> Agreement:
-        candidate = candidate.float()
-        cosine = torch.nn.functional.cosine_similarity(self.reference.mean(1), candidate.mean(1), dim=-1).min()
-        scale = self.reference.abs().max().clamp_min(1e-12)
-        rel_err = (candidate - self.reference).abs().max() / scale
+    def compare(self, candidate: np.ndarray) -> Agreement:
+        candidate = candidate.astype(np.float64)
+        reference = self.reference.astype(np.float64)
+        a, b = reference.mean(axis=1), candidate.mean(axis=1)
+        norms = np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+        cosine = ((a * b).sum(axis=-1) / norms).min()
+        rel_err = np.abs(candidate - reference).max() / max(np.abs(reference).max(), 1e-12)
         return Agreement(cosine=float(cosine), rel_err=float(rel_err))
 
 

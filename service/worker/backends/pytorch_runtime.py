@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
-from torch import Tensor
 
 from model import CrossViT
 from model.runtime import Mode, Runner, bf16_is_fast, prepare
 
-from .base import Agreement, Built, ModeGate, OpenGate, Probe, mode_key
+from .base import (
+    PROBE_IMAGES,
+    PROBE_SEED,
+    Agreement,
+    Built,
+    DeviceOutOfMemoryError,
+    ModeGate,
+    OpenGate,
+    Probe,
+    mode_key,
+)
 
-__all__ = ["TorchBackend", "build_torch", "choose_mode"]
+__all__ = ["TorchBackend", "build_torch", "choose_mode", "reference_probe"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +52,30 @@ class TorchBackend:
     def mode(self) -> str:
         return self.runner.mode.value
 
-    def __call__(self, x: Tensor, threads: int) -> Tensor:
+    def __call__(self, x: np.ndarray, threads: int) -> np.ndarray:
         if self.runner.device.type == "cpu" and threads != torch.get_num_threads():
             torch.set_num_threads(threads)  # the parent shares the cores among busy workers
-        b0, b1 = self.runner(x)  # branch 1's input: the model's own resize of x, on the device
-        return torch.stack((b0, b1), dim=1).cpu()
+        try:
+            b0, b1 = self.runner(torch.from_numpy(x))  # branch 1's input: the model's own resize of x, on the device
+            return torch.stack((b0, b1), dim=1).float().cpu().numpy()
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise DeviceOutOfMemoryError(str(exc)) from exc
 
-    def warm_up(self, x: Tensor) -> None:
+    def warm_up(self, x: np.ndarray) -> None:
         for n in range(1, x.shape[0] + 1):  # every batch size this worker will see
             self(x[:n], torch.get_num_threads())
         if self.runner.device.type == "cuda":
             torch.cuda.synchronize(self.runner.device)
+
+
+def reference_probe(model: CrossViT) -> Probe:
+    """The probe batch and PyTorch fp32's logits for it, on the CPU: the yardstick of every mode."""
+    size = model.config.img_size[0]
+    x = torch.randn(PROBE_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(PROBE_SEED))
+    with torch.inference_mode():
+        reference = torch.stack(model.eval().branch_logits(x), dim=1).float()
+    return Probe(x.numpy(), reference.numpy())
 
 
 def build_torch(
