@@ -158,9 +158,12 @@ USER 10001:10001
 EXPOSE 8000 8081
 # Healthy means ready (/readyz: a worker loaded and warmed up, not draining): Docker has no separate
 # readiness, and compose's `service_healthy` and a look at `docker ps` both mean "can take requests".
-# Asked on the probe listener, which no client load on the API port can starve.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('CROSSVIT_PROBE_PORT', '8081'), timeout=4)"]
+# Asked on the probe listener, which no client load on the API port can starve. Every 2 s, so that
+# "healthy" follows a 3-4 s start closely (Docker 20.10 has no separate start-up interval): with bash's
+# /dev/tcp, a check costs a few ms of one core, where a Python one cost ~40 ms. Unhealthy after 30 s
+# of failed checks, as before (3 x 10 s).
+HEALTHCHECK --interval=2s --timeout=5s --start-period=300s --retries=15 \
+  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${CROSSVIT_PROBE_PORT:-8081} && printf 'GET /readyz HTTP/1.0\\r\\n\\r\\n' >&3 && read -r -t 4 _ status _ <&3 && [ \"$status\" = 200 ]"]
 CMD ["crossvit-serve"]
 
 # ---------------------------------------------------------------- cuda

@@ -4,7 +4,7 @@ A stuck CUDA call, a runtime deadlock or a stopped process looks, from the paren
 that never finishes. Each finished batch is a sample; a batch of n images is expected to take
 the p99 of what those samples predict for n, and may run `multiplier` times that (never less
 than `floor_s`) before its worker is killed. Until enough batches have run, the worker's own
-warm-up (every batch size, timed at start-up) stands in as a generous first sample.
+warm-up (a full batch among others, timed at start-up) stands in as a generous first sample.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class InferenceTimes:
         self._samples.append((max(1, images), seconds))
 
     def record_warm_up(self, images: int, seconds: float) -> None:
-        """A worker's warm-up ran every batch size up to `images` in `seconds`: an upper bound of one batch."""
+        """A worker's warm-up ran a full batch of `images` (and smaller ones) in `seconds`: an upper bound
+        of one batch."""
         self._warm_up = (max(1, images), seconds)
 
     def expected_s(self, images: int) -> float | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 from multiprocessing.connection import Connection
@@ -29,7 +30,7 @@ from .backends import (
     is_complete,
     torch_available,
 )
-from .backends.prepared import PREPARE_HINT
+from .backends.prepared import NOT_CACHED, PREPARE_HINT
 from .protocol import Done, Failed, Fatal, Ping, Pong, Ready, ReplicaSpec, Slots, Stop, ToWorker, Trying
 
 __all__ = ["PipeGate", "WeightsChangedError", "build_backend", "main"]
@@ -102,8 +103,12 @@ def _build_openvino(spec: ReplicaSpec, gate: ModeGate | None) -> tuple[Built, di
             pretrained=spec.pretrained,
         )
     prepare_s = time.perf_counter() - started
-    built, info = build_openvino(folder, precision=spec.precision, threads=spec.thread_options, gate=gate,
-                                 compiled_cache=None if cache_dir is None else cache_dir / "compiled")
+    try:
+        built, info = build_openvino(folder, precision=spec.precision, threads=spec.thread_options, gate=gate,
+                                     compiled_cache=None if cache_dir is None else cache_dir / "compiled")
+    finally:
+        if source == NOT_CACHED:  # read and compiled by now (an unlinked mapping stays valid)
+            shutil.rmtree(folder, ignore_errors=True)
     return built, {"model_source": source, "prepare_s": round(prepare_s, 3), **info}
 
 
@@ -155,7 +160,7 @@ def _build(spec: ReplicaSpec, slots: Slots, gate: ModeGate) -> tuple[Backend, di
     if on_cuda:
         _pin(slots)
     warm_up_started = time.perf_counter()
-    backend.warm_up(slots.x[0])  # every batch size (and thread count) this worker will see
+    backend.warm_up(slots.x[0])  # up to a full batch, at every thread count this worker will see
     warm_up_s = time.perf_counter() - warm_up_started  # the watchdog's first bound of a full batch
     info = {
         "backend": backend.name,

@@ -811,7 +811,7 @@ def _healthchecks() -> dict[str, list[str]]:
     for name, service in compose["services"].items():
         test = service["healthcheck"]["test"]
         assert test[0] == "CMD"
-        checks[f"compose:{name}"] = test[1:]
+        checks[f"compose:{name}"] = [arg.replace("$$", "$") for arg in test[1:]]  # compose's escape of $
     return checks
 
 
@@ -831,15 +831,15 @@ def test_healthcheck_probes_readyz_on_the_configured_port(name: str, health_serv
     """Healthy means ready: Docker has no readiness of its own, and compose's service_healthy means 'can serve'."""
     port, handler = health_server
     argv = _healthchecks()[name]
-    assert argv[:2] == ["python", "-c"]  # slim images have no curl
+    assert argv[:2] == ["bash", "-c"]  # slim images have no curl; bash's /dev/tcp costs no interpreter start
     # the probe listener, whose default agrees with the app's
-    assert re.search(rf"CROSSVIT_PROBE_PORT', '{PROBE_PORT}'", argv[2])
+    assert re.search(rf"\$\{{CROSSVIT_PROBE_PORT:-{PROBE_PORT}\}}", argv[2])
     env = {**os.environ, "CROSSVIT_PROBE_PORT": str(port)}
-    ok = subprocess.run([sys.executable, "-c", argv[2]], env=env, capture_output=True, timeout=30, check=False)
+    ok = subprocess.run(["bash", "-c", argv[2]], env=env, capture_output=True, timeout=30, check=False)
     assert ok.returncode == 0, ok.stderr
     assert handler.seen == ["/readyz"] and "/readyz" in PROBE_ROUTES
     handler.status = 503
-    failing = subprocess.run([sys.executable, "-c", argv[2]], env=env, capture_output=True, timeout=30, check=False)
+    failing = subprocess.run(["bash", "-c", argv[2]], env=env, capture_output=True, timeout=30, check=False)
     assert failing.returncode != 0
 
 

@@ -6,6 +6,7 @@ OpenVINO models are prepared from our `CrossViT` through the real preparation an
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from service.settings import Settings
 from service.worker.backends import Built, build_openvino, cache_key, resolve_backend
 from service.worker.backends.openvino_prepare import prepare_openvino
 from service.worker.backends.openvino_runtime import modes_for
+from service.worker.backends.prepared import NOT_CACHED
 from service.worker.backends.pytorch_runtime import build_torch, reference_probe
 
 VARIANT = "crossvit_tiny_240"
@@ -41,7 +43,11 @@ def _openvino(
 ) -> tuple[Built, dict[str, Any]]:
     folder, source = prepare_openvino(model, cache_dir, variant=variant, sha256="0" * 64, source="random",
                                       pretrained=False)
-    built, info = build_openvino(folder, precision=precision, threads=threads)
+    try:
+        built, info = build_openvino(folder, precision=precision, threads=threads)
+    finally:
+        if source == NOT_CACHED:  # as a worker does: the temporary folder goes once the model is read
+            shutil.rmtree(folder)
     return built, {**info, "model_source": source}
 
 

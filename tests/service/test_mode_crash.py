@@ -10,6 +10,7 @@ the worker calls os.abort() as it starts that mode), so the test holds on every 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import httpx
 import pytest
@@ -74,7 +75,7 @@ def test_a_crashing_bf16_falls_back_to_openvino_fp32(reference: Reference) -> No
         assert [s["mode"] for s in card["skipped_modes"]] == ["openvino/bf16"]
 
 
-def test_build_functions_ask_the_gate_before_each_mode(tmp_path: object) -> None:
+def test_build_functions_ask_the_gate_before_each_mode(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = create_model(TEST_VARIANT).eval()
     probe = reference_probe(model)
@@ -84,7 +85,7 @@ def test_build_functions_ask_the_gate_before_each_mode(tmp_path: object) -> None
     with pytest.raises(RuntimeError, match="PyTorch fp32, the last mode"):
         build_torch(model, "fp32", torch.device("cpu"), probe, _Skips("torch/fp32"))
     gate = _Skips("openvino/bf16")
-    folder, _ = prepare_openvino(model, None, variant=TEST_VARIANT, sha256="0" * 64, source="random",
+    folder, _ = prepare_openvino(model, tmp_path, variant=TEST_VARIANT, sha256="0" * 64, source="random",
                                  pretrained=False)
     built, _ = build_openvino(folder, precision="auto", threads=[1], gate=gate)
     assert built.backend.mode == "fp32" and gate.tried == ["openvino/fp32"]

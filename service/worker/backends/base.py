@@ -58,7 +58,8 @@ class Backend(Protocol):
         ...
 
     def warm_up(self, x: np.ndarray) -> None:
-        """Run every batch size of `x` (1..len(x)) at every thread count the parent may ask for."""
+        """Run what makes the first requests as fast as later ones, up to a full batch `x`, at every
+        thread count the parent may ask for."""
         ...
 
 

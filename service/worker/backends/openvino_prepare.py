@@ -24,7 +24,7 @@ from torch.jit import TracerWarning  # type: ignore[attr-defined]
 from model import CrossViT
 
 from .openvino_runtime import openvino
-from .prepared import PreparedMeta, cache_key, is_complete, locked, openvino_version, write_arrays
+from .prepared import NOT_CACHED, PreparedMeta, cache_key, is_complete, locked, openvino_version, write_arrays
 from .pytorch_runtime import reference_probe
 
 __all__ = ["convert", "prepare_openvino"]
@@ -88,8 +88,8 @@ def prepare_openvino(
     model: CrossViT, cache_dir: Path | None, *, variant: str, sha256: str, source: str, pretrained: bool
 ) -> tuple[Path, str]:
     """The prepared folder for `model` and how it came to be: "cache" (already there), "prepared", or
-    "prepared, not cached" (no usable cache folder: written to a temporary one this process removes
-    at exit)."""
+    "prepared, not cached" (no usable cache folder: a temporary one, which the caller removes once the
+    model is read: a worker killed later must not leave it behind)."""
     meta = PreparedMeta(
         variant=variant, sha256=sha256, source=source,
         pretrained=pretrained, parameters=sum(p.numel() for p in model.parameters()), openvino=openvino_version(),
@@ -120,12 +120,9 @@ def _prepare(model: CrossViT, cache_dir: Path | None, meta: PreparedMeta) -> tup
             logger.warning("cannot use the model cache; preparing without it",
                            extra={"cache_dir": str(cache_dir), "error": str(exc)})
     scratch = Path(tempfile.mkdtemp(prefix="crossvit-prepared-"))
-    _write(model, scratch, meta)
-    _remove_at_exit(scratch)
-    return scratch, "prepared, not cached"
-
-
-def _remove_at_exit(folder: Path) -> None:
-    import atexit
-
-    atexit.register(shutil.rmtree, folder, True)
+    try:
+        _write(model, scratch, meta)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return scratch, NOT_CACHED

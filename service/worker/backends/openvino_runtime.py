@@ -82,16 +82,20 @@ class OpenVINOBackend:
         self.mode = mode
         self._heads = [(np.ascontiguousarray(w.T), b) for w, b in heads]  # (D, C): features @ W.T as one matmul
         self.agreement = Agreement(cosine=0.0, rel_err=float("inf"))  # set once the probe has run
-        # With a compiled-blob cache, compiling may write a blob another worker is reading (mmap): a
-        # SIGBUS in the reader. One compile at a time; the second worker then reads the finished blob.
-        with locked(blob_lock) if blob_lock is not None else contextlib.nullcontext():
-            self._requests = {n: self._compile(core, model, mode, n).create_infer_request()
-                              for n in sorted(set(threads))}
+        self._core, self._model, self._blob_lock = core, model, blob_lock
+        self._requests: dict[int, Any] = {}
+        self.compile(threads)
         self._ov = openvino()
 
-    @staticmethod
-    def _compile(core: Any, model: Any, mode: str, threads: int) -> Any:
-        return core.compile_model(model, "CPU", compile_config(mode, threads))
+    def compile(self, threads: Sequence[int]) -> None:
+        """A compiled model per thread count not compiled yet (the probe needs only one: a mode the
+        guard refuses costs one compile, not one per thread count)."""
+        # With a compiled-blob cache, compiling may write a blob another worker is reading (mmap): a
+        # SIGBUS in the reader. One compile at a time; the second worker then reads the finished blob.
+        with locked(self._blob_lock) if self._blob_lock is not None else contextlib.nullcontext():
+            for n in sorted(set(threads) - set(self._requests)):
+                config = compile_config(self.mode, n)
+                self._requests[n] = self._core.compile_model(self._model, "CPU", config).create_infer_request()
 
     def __call__(self, x: np.ndarray, threads: int) -> np.ndarray:
         request = self._requests.get(threads) or self._requests[max(self._requests)]
@@ -100,8 +104,11 @@ class OpenVINOBackend:
         return np.stack(logits, axis=1)
 
     def warm_up(self, x: np.ndarray) -> None:
+        """The first inference of a compiled model is the slow one (+50-70 ms, tiny, measured); each new
+        batch size after it adds ~12 ms once. So batch 1 and the largest, at every thread count: every
+        size would cost the whole sum (36 images per thread count at batch 8: seconds of start-up)."""
         for threads in self._requests:
-            for n in range(1, x.shape[0] + 1):
+            for n in sorted({1, x.shape[0]}):
                 self(x[:n], threads)
 
 
@@ -139,9 +146,10 @@ def build_openvino(
     rejected: list[tuple[str, Agreement]] = []
     for mode in allowed:
         gate.trying(mode_key("openvino", mode))  # from compiling to the end of warm-up: a death names this mode
-        backend = OpenVINOBackend(core, model, heads, mode, threads, blob_lock)
+        backend = OpenVINOBackend(core, model, heads, mode, [max(threads)], blob_lock)
         agreement = probe.compare(backend(probe.x, max(threads)))
         if agreement.is_exact() or (mode != "fp32" and agreement.passes_guard()):
+            backend.compile(threads)
             backend.agreement = agreement
             info = {"read_s": round(read_s, 3), "openvino": ov.get_version(),
                     "prepared": read_meta(folder).sha256[:16]}

@@ -31,6 +31,7 @@ import numpy as np
 from .base import Probe
 
 __all__ = [
+    "NOT_CACHED",
     "PREPARED_FORMAT",
     "NotPreparedError",
     "PreparedMeta",
@@ -48,6 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PREPARED_FORMAT = 3  # bump when what preparation writes changes
+NOT_CACHED = "prepared, not cached"  # a temporary folder (no usable cache): its reader removes it
 FILES = ("model.xml", "model.bin", "heads.npz", "probe.npz", "prepared.json")
 PREPARE_HINT = (
     "run `crossvit-serve --prepare-only` with the same CROSSVIT_MODEL, weights and CROSSVIT_CACHE_DIR where "
