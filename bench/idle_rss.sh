@@ -5,7 +5,7 @@
 # the figure is a start with the prepared model on disk. `no-torch` runs the server with torch (timm,
 # safetensors, huggingface_hub) unimportable, through a sitecustomize, as tests/service/test_lean.py does.
 set -euo pipefail
-CHECKOUT=$(realpath "$1"); PORT=$2; PY=$(realpath "$(dirname "$0")/../.venv/bin/python")
+CHECKOUT=$(realpath "$1"); PORT=$2; PY="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"  # the venv itself, not its symlink target
 SCRATCH=$(mktemp -d); trap 'rm -rf "$SCRATCH"' EXIT
 export CROSSVIT_MODEL=crossvit_9_dagger_240 CROSSVIT_WEIGHTS_DIR=$SCRATCH/weights CROSSVIT_ALLOW_RANDOM_WEIGHTS=true \
        CROSSVIT_FETCH_WEIGHTS=false CROSSVIT_PORT=$PORT CROSSVIT_PROBE_PORT=0 CROSSVIT_CACHE_DIR=$SCRATCH/models \
