@@ -31,7 +31,7 @@ from machine import cpu_line  # noqa: E402  (bench/, this script's folder)
 
 from model import CrossViT, create_model  # noqa: E402
 from model.runtime import Mode, logit_cosine, prepare  # noqa: E402
-from service.worker.backends.openvino_prepare import convert  # noqa: E402
+from service.worker.backends.openvino_prepare import convert, head_arrays  # noqa: E402
 from service.worker.backends.openvino_runtime import OpenVINOBackend, available  # noqa: E402
 
 COSINE_FLOOR = 0.9999
@@ -74,7 +74,7 @@ def _openvino_modes(model: CrossViT) -> dict[str, Forward]:
     import openvino
 
     converted = convert(model)
-    heads = [(h.weight.detach().numpy(), h.bias.detach().numpy()) for h in model.head]  # type: ignore[union-attr]
+    heads = head_arrays(model)
     threads = torch.get_num_threads()
     modes: dict[str, Forward] = {}
     for mode in ("fp32", "bf16"):

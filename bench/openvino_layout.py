@@ -4,7 +4,7 @@
                                     [--modes fp32 bf16]
 
 Layouts, each in fresh processes, model-only img/s (batch / median seconds per forward, after
-two warm-up calls), the model converted once through the service's cache code:
+two warm-up calls), each child converting the model through the service's preparation code:
   - processes: one 1-thread process per core computing at the same time (the service's CPU
     workers), pinned to cores by OpenVINO or not;
   - streams: one process, NUM_STREAMS = cores, an AsyncInferQueue keeping every stream busy;
@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -72,12 +71,12 @@ def _child(args: argparse.Namespace) -> None:
     print(f"{done * args.batch / (time.perf_counter() - start):.2f}")
 
 
-def spawn(variant: str, cache: str, mode: str, *, threads: int, batch: int, seconds: float, streams: int = 1,
+def spawn(variant: str, mode: str, *, threads: int, batch: int, seconds: float, streams: int = 1,
           pinning: bool = False) -> subprocess.Popen[str]:
     """One measuring child process (its img/s is the last word it prints)."""
     command = [sys.executable, __file__, "--child", "--variant", variant, "--batch", str(batch),
-               "--seconds", str(seconds), "--modes", mode, "--threads", str(threads), "--streams", str(streams),
-               "--cache", cache] + (["--pinning"] if pinning else [])
+               "--seconds", str(seconds), "--modes", mode, "--threads", str(threads), "--streams", str(streams)]
+    command += ["--pinning"] if pinning else []
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
@@ -95,30 +94,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--streams", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--pinning", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args)
         return
 
     cores = len(os.sched_getaffinity(0))
-    with tempfile.TemporaryDirectory() as cache:
-        run = functools.partial(spawn, args.variant, cache, seconds=args.seconds)
-        results([run("fp32", threads=1, batch=1)])  # convert once, into the cache
-        print(f"# {args.variant}, batch {args.batch}, {args.seconds:.0f} s per measurement, {cores} cores")
-        print(f"# {cpu_line()}")
-        print(f"| mode | {cores} processes x 1 thread, unpinned (sum) | pinned (sum) | 1 process, {cores} streams "
-              f"| 1 process x {cores} threads | same, batch 1 |")
-        print("|---|---|---|---|---|---|")
-        for mode in args.modes:
-            apart = results([run(mode, threads=1, batch=args.batch) for _ in range(cores)])
-            pinned = results([run(mode, threads=1, batch=args.batch, pinning=True) for _ in range(cores)])
-            (streams,) = results([run(mode, threads=cores, batch=args.batch, streams=cores)])
-            (lone,) = results([run(mode, threads=cores, batch=args.batch)])
-            (lone_b1,) = results([run(mode, threads=cores, batch=1)])
-            print(f"| {mode} | {' + '.join(f'{v:.1f}' for v in apart)} = {sum(apart):.1f} "
-                  f"| {' + '.join(f'{v:.1f}' for v in pinned)} = {sum(pinned):.1f} | {streams:.1f} | {lone:.1f} "
-                  f"| {lone_b1:.1f} |", flush=True)
+    run = functools.partial(spawn, args.variant, seconds=args.seconds)
+    print(f"# {args.variant}, batch {args.batch}, {args.seconds:.0f} s per measurement, {cores} cores")
+    print(f"# {cpu_line()}")
+    print(f"| mode | {cores} processes x 1 thread, unpinned (sum) | pinned (sum) | 1 process, {cores} streams "
+          f"| 1 process x {cores} threads | same, batch 1 |")
+    print("|---|---|---|---|---|---|")
+    for mode in args.modes:
+        apart = results([run(mode, threads=1, batch=args.batch) for _ in range(cores)])
+        pinned = results([run(mode, threads=1, batch=args.batch, pinning=True) for _ in range(cores)])
+        (streams,) = results([run(mode, threads=cores, batch=args.batch, streams=cores)])
+        (lone,) = results([run(mode, threads=cores, batch=args.batch)])
+        (lone_b1,) = results([run(mode, threads=cores, batch=1)])
+        print(f"| {mode} | {' + '.join(f'{v:.1f}' for v in apart)} = {sum(apart):.1f} "
+              f"| {' + '.join(f'{v:.1f}' for v in pinned)} = {sum(pinned):.1f} | {streams:.1f} | {lone:.1f} "
+              f"| {lone_b1:.1f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -145,15 +145,15 @@ def model_only(
     return _timed(lambda: runner(x), batch, repeats, min_seconds)
 
 
-def model_only_served(variant: str, mode: str, cache: str, seconds: float = 6.0) -> dict[int, float]:
+def model_only_served(variant: str, mode: str, seconds: float = 6.0) -> dict[int, float]:
     """The model as the service runs it (OpenVINO, `mode`): at batch 1 one process on every core (a
     lone request borrows the idle workers' cores), at MAX_BATCH one 1-thread process per core at
     once (the busy service), summed."""
     from openvino_layout import results, spawn  # bench/ is on sys.path (this script's folder)
 
     cores = len(os.sched_getaffinity(0))
-    (lone,) = results([spawn(variant, cache, mode, threads=cores, batch=1, seconds=seconds)])
-    busy = results([spawn(variant, cache, mode, threads=1, batch=MAX_BATCH, seconds=seconds) for _ in range(cores)])
+    (lone,) = results([spawn(variant, mode, threads=cores, batch=1, seconds=seconds)])
+    busy = results([spawn(variant, mode, threads=1, batch=MAX_BATCH, seconds=seconds) for _ in range(cores)])
     return {1: lone, MAX_BATCH: sum(busy)}
 
 
@@ -177,7 +177,7 @@ def _ours(precision: str, weights: Path, args: argparse.Namespace, image: Path, 
     """The service of `checkout` (this one, or --baseline's), prepared first, then under load."""
     env = {"CROSSVIT_MODEL": args.variant, "CROSSVIT_WEIGHTS": str(weights), "CROSSVIT_PRECISION": precision,
            "CROSSVIT_PORT": str(args.port), "CROSSVIT_LOG_LEVEL": "warning",
-           "CROSSVIT_CACHE_DIR": str(weights.parent / f"model-cache-{label}"), "PYTHONPATH": str(checkout)}
+           "CROSSVIT_CACHE_DIR": str(weights.parent / f"model-cache-{label}")}
     subprocess.run([sys.executable, "-m", "service.cli", "--prepare-only"], env={**os.environ, **env}, cwd=checkout,
                    check=True, stdout=subprocess.DEVNULL)
     return measure_server(f"{label} {precision}", [sys.executable, "-m", "service.cli"], env, image, args, args.port,
@@ -222,7 +222,7 @@ def main() -> None:
 
         def sample(modes: list[str]) -> None:
             for mode in modes:
-                for batch, value in model_only_served(args.variant, mode.split("-", 1)[1], tmp).items():
+                for batch, value in model_only_served(args.variant, mode.split("-", 1)[1]).items():
                     only.setdefault(mode, {}).setdefault(batch, []).append(value)
 
         if "ours" in args.systems:

@@ -379,7 +379,7 @@ def _inspect(cli: str, container: str, template: str) -> str:
 
 def wait_ready(probes: str, label: str, started: float, report: Report, timeout_s: float = 300) -> None:
     """Until /readyz answers 200, asked every 0.1 s: the start itself. Docker's "healthy" comes later, at
-    the first HEALTHCHECK after it (every 10 s; Docker 20.10 has no faster start-up interval)."""
+    the first HEALTHCHECK after it (every 2 s; Docker 20.10 has no separate start-up interval)."""
     with httpx.Client(timeout=2) as client:
         while time.monotonic() - started < timeout_s:
             try:

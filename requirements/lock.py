@@ -29,6 +29,7 @@ only for what is new (the other files follow dev.txt). `--upgrade` resolves afre
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -216,7 +217,7 @@ def lock(uv: str, *, upgrade: bool = False) -> None:
         lean = _compile(uv, [*data["dependencies"], *data["build"]], ["--constraints", "dev.txt"], work, "lean")
     torch = [p for p in parse(serve) if p.name == "torch"]
     assert torch, "serve.txt pins no torch"
-    torch_lines = "".join(f"torch=={p.version}" + (f" ; {p.marker}" if p.marker else "") + "\n" for p in torch)
+    torch_lines = requirement_lines(dataclasses.replace(p, hashes=()) for p in torch)  # the +cpu builds differ
     outputs = {
         "dev": _header("make setup / make test: the service, its tests and tools") + dev,
         "serve": _header("The cuda image (and cpu-full with TORCH_INDEX_URL empty): the service with torch") + serve,

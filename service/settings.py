@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .worker.backends.base import openvino_conflict  # the rule lives where the worker, which has no settings, reads it
+
 __all__ = ["ENV_PREFIX", "Settings", "describe_validation_error", "env_name", "openvino_conflict"]
 
 ENV_PREFIX = "CROSSVIT_"
@@ -168,16 +170,6 @@ class Settings(BaseSettings):
                 f"({self.max_upload_bytes}), or a body at the limit could never be read"
             )
         return self
-
-
-def openvino_conflict(device: str, precision: str) -> str | None:
-    """Why the OpenVINO backend cannot run this device or precision, or None: the one rule, checked on the
-    settings and again on each worker's placement (`device=auto` may place a worker on a GPU)."""
-    if device.startswith("cuda"):
-        return "backend openvino runs CPU workers only; use torch (or auto) with a CUDA device"
-    if precision == "fp16":
-        return "backend openvino runs fp32 or bf16; fp16 needs the torch backend"
-    return None
 
 
 def env_name(field: str) -> str:

@@ -29,6 +29,7 @@ __all__ = ["LoadedWeights", "WeightsError", "load_weights", "model_cache_dir"]
 logger = logging.getLogger(__name__)
 
 RANDOM_SEED = 0  # every replica must compute the same function, so random weights are seeded
+RANDOM_WARNING = "NO PRETRAINED WEIGHTS: serving a RANDOMLY INITIALISED model; its predictions are meaningless"
 
 
 class WeightsError(RuntimeError):
@@ -89,10 +90,7 @@ def load_weights(settings: Settings, scratch: Path) -> LoadedWeights:
                 f"{env_name('allow_random_weights')}=true to serve a randomly initialised model"
             )
         path = _random_checkpoint(variant.name, scratch)
-        logger.warning(
-            "NO PRETRAINED WEIGHTS: serving a RANDOMLY INITIALISED model; its predictions are meaningless",
-            extra={"variant": variant.name, "seed": RANDOM_SEED, "reason": resolved.detail},
-        )
+        logger.warning(RANDOM_WARNING, extra={"variant": variant.name, "seed": RANDOM_SEED, "reason": resolved.detail})
         source, pretrained = "random", False
     else:
         path, source, pretrained = resolved.path, resolved.how, True
@@ -143,8 +141,5 @@ def _lean(settings: Settings, variant: str, path: Path | None, recorded: str | N
     logger.info("serving a prepared model; no checkpoint at hand", extra={"prepared": folder.name,
                                                                           "source": meta.source})
     if not meta.pretrained:
-        logger.warning(
-            "NO PRETRAINED WEIGHTS: serving a RANDOMLY INITIALISED model; its predictions are meaningless",
-            extra={"variant": variant, "prepared": folder.name},
-        )
+        logger.warning(RANDOM_WARNING, extra={"variant": variant, "prepared": folder.name})
     return LoadedWeights.prepared(folder)

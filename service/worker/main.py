@@ -67,15 +67,11 @@ class PipeGate:
 def build_backend(spec: ReplicaSpec, gate: ModeGate | None = None) -> tuple[Built, dict[str, Any]]:
     """Admit the fastest mode of the spec's backend that passes its check (and the gate). OpenVINO serves
     the prepared model, preparing it first where it is missing and torch is installed."""
-    if spec.weights is not None and (found := file_sha256(spec.weights)) != spec.weights_sha256:
-        # a restarted worker must not serve a file replaced since start-up under the old sha256
-        raise WeightsChangedError(
-            f"{Path(spec.weights).name} now hashes to sha256 {found}, not the {spec.weights_sha256} verified at "
-            "start-up; refusing to load it (restart the server to serve the new file)"
-        )
     if spec.backend == "openvino":
         try:
             return _build_openvino(spec, gate)
+        except WeightsChangedError:
+            raise  # no backend may serve it
         except Exception as exc:
             if not spec.backend_fallback:
                 raise
@@ -90,7 +86,10 @@ def _build_openvino(spec: ReplicaSpec, gate: ModeGate | None) -> tuple[Built, di
     started = time.perf_counter()
     folder = None if cache_dir is None else cache_dir / cache_key(variant, spec.weights_sha256)
     source = "prepared earlier"
-    if folder is None or not is_complete(folder):
+    if folder is not None and is_complete(folder):
+        if spec.weights is not None:  # not loaded here: hashed, so that a replaced file is refused as by torch
+            _check_unchanged(spec, file_sha256(spec.weights))
+    else:
         if spec.weights is None or not torch_available():
             raise NotPreparedError(
                 f"no prepared OpenVINO model for {variant} with weights sha256 {spec.weights_sha256[:16]}... in "
@@ -125,9 +124,18 @@ def _load_model(spec: ReplicaSpec) -> Any:
     except RuntimeError:
         pass  # already set by an earlier torch call in this process
     model = create_model(spec.variant)
-    if spec.weights is not None and (found := load_checkpoint(model, spec.weights)) != spec.weights_sha256:
-        raise WeightsChangedError(f"{Path(spec.weights).name} now hashes to sha256 {found}, not {spec.weights_sha256}")
+    if spec.weights is not None:
+        _check_unchanged(spec, load_checkpoint(model, spec.weights))
     return model
+
+
+def _check_unchanged(spec: ReplicaSpec, found: str) -> None:
+    """A restarted worker must not serve a file replaced since start-up under the old sha256."""
+    if spec.weights is not None and found != spec.weights_sha256:
+        raise WeightsChangedError(
+            f"{Path(spec.weights).name} now hashes to sha256 {found}, not the {spec.weights_sha256} verified at "
+            "start-up; refusing to load it (restart the server to serve the new file)"
+        )
 
 
 def _build_torch(spec: ReplicaSpec, gate: ModeGate | None) -> Built:

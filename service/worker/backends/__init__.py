@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from ...settings import openvino_conflict
 from .base import (
     EXACT_COSINE,
     EXACT_REL_ERR,
@@ -24,6 +23,7 @@ from .base import (
     OpenGate,
     Probe,
     mode_key,
+    openvino_conflict,
 )
 from .openvino_runtime import available as openvino_available
 from .openvino_runtime import build_openvino
@@ -46,6 +46,7 @@ __all__ = [
     "cache_key",
     "is_complete",
     "mode_key",
+    "openvino_conflict",
     "resolve_backend",
     "torch_available",
 ]

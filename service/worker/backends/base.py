@@ -24,6 +24,7 @@ __all__ = [
     "OpenGate",
     "Probe",
     "mode_key",
+    "openvino_conflict",
 ]
 
 GUARD_COSINE = 0.9999  # worst per-image logit cosine to fp32 a reduced precision must keep
@@ -61,6 +62,16 @@ class Backend(Protocol):
         """Run what makes the first requests as fast as later ones, up to a full batch `x`, at every
         thread count the parent may ask for."""
         ...
+
+
+def openvino_conflict(device: str, precision: str) -> str | None:
+    """Why the OpenVINO backend cannot run this device or precision, or None: the one rule, checked on the
+    settings and again on each worker's placement (`device=auto` may place a worker on a GPU)."""
+    if device.startswith("cuda"):
+        return "backend openvino runs CPU workers only; use torch (or auto) with a CUDA device"
+    if precision == "fp16":
+        return "backend openvino runs fp32 or bf16; fp16 needs the torch backend"
+    return None
 
 
 def mode_key(backend: str, mode: str) -> str:

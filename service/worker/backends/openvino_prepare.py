@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ from .openvino_runtime import openvino
 from .prepared import NOT_CACHED, PreparedMeta, cache_key, is_complete, locked, openvino_version, write_arrays
 from .pytorch_runtime import reference_probe
 
-__all__ = ["convert", "prepare_openvino"]
+__all__ = ["convert", "head_arrays", "prepare_openvino"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +77,16 @@ def convert(model: CrossViT) -> Any:
         )
 
 
+def head_arrays(model: CrossViT) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Both classifier heads as (W, b) fp32 arrays, for numpy after the OpenVINO graph."""
+    linear = [head for head in model.head if isinstance(head, nn.Linear)]  # num_classes 0 has no heads to serve
+    return [(h.weight.detach().float().numpy(), h.bias.detach().float().numpy()) for h in linear]
+
+
 def _write(model: CrossViT, folder: Path, meta: PreparedMeta) -> None:
     # compress_to_fp16=False: the default would halve the weights' precision on disk.
     openvino().save_model(convert(model), folder / "model.xml", compress_to_fp16=False)
-    linear = [head for head in model.head if isinstance(head, nn.Linear)]  # num_classes 0 has no heads to serve
-    heads = [(h.weight.detach().float().numpy(), h.bias.detach().float().numpy()) for h in linear]
-    write_arrays(folder, heads, reference_probe(model), meta)
+    write_arrays(folder, head_arrays(model), reference_probe(model), meta)
 
 
 def prepare_openvino(
@@ -90,16 +95,10 @@ def prepare_openvino(
     """The prepared folder for `model` and how it came to be: "cache" (already there), "prepared", or
     "prepared, not cached" (no usable cache folder: a temporary one, which the caller removes once the
     model is read: a worker killed later must not leave it behind)."""
-    meta = PreparedMeta(
-        variant=variant, sha256=sha256, source=source,
-        pretrained=pretrained, parameters=sum(p.numel() for p in model.parameters()), openvino=openvino_version(),
-    )
-    return _prepare(model, cache_dir, meta)
-
-
-def _prepare(model: CrossViT, cache_dir: Path | None, meta: PreparedMeta) -> tuple[Path, str]:
+    meta = PreparedMeta(variant=variant, sha256=sha256, source=source, pretrained=pretrained,
+                        parameters=sum(p.numel() for p in model.parameters()), openvino=openvino_version())
     if cache_dir is not None:
-        key = cache_key(meta.variant, meta.sha256)
+        key = cache_key(variant, sha256)
         target = cache_dir / key
         try:
             if is_complete(target):
