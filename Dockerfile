@@ -122,7 +122,7 @@ RUN if [ -n "$BAKE_WEIGHTS" ]; then \
       CROSSVIT_BACKEND=openvino /opt/venv/bin/crossvit-serve --prepare-only; \
     fi
 
-# cpu: the prepared model alone (model.xml, model.bin, heads.npz, probe.npz, prepared.json per entry), made
+# cpu: the prepared model alone (model.xml, model.bin, heads.npz, probe.npz, golden.npz, prepared.json per entry), made
 # here with torch; the lean image needs no checkpoint. Without BAKE_WEIGHTS, random-init entries.
 FROM fetched-cpu AS models-cpu
 ARG BAKE_WEIGHTS=""

@@ -96,7 +96,7 @@ class Served:
 
 
 def measure_server(label: str, command: list[str], env: dict[str, str], image: Path, args: argparse.Namespace,
-                   port: int, cwd: Path | None = None) -> Served:
+                   port: int, cwd: Path | None = None, on_ready: Callable[[str], None] | None = None) -> Served:
     url = f"http://127.0.0.1:{port}"
     # A process group of its own: stopping a server stops every process it started (LitServe's
     # inference workers outlive a SIGTERM to its main process and keep polling their queue at ~15 %
@@ -110,6 +110,8 @@ def measure_server(label: str, command: list[str], env: dict[str, str], image: P
         if label.startswith(("ours", "baseline")):  # every worker warmed up, then what the service chose
             workers = ready_workers(url)
             mode = "+".join(sorted({f"{w.get('backend')}-{w.get('mode')}" for w in workers}))
+        if on_ready is not None:
+            on_ready(url)
         run_wrk(url, image, 8, 3)  # warm-up, discarded
         return Served(label, mode, {c: run_wrk(url, image, c, args.duration) for c in args.concurrency})
     finally:
@@ -192,6 +194,16 @@ def _peer(name: str, precision: str, weights: Path, args: argparse.Namespace, im
     return measure_server(f"{name} {precision}", command, {}, image, args, port)
 
 
+def load_inputs(folder: Path, variant: str) -> tuple[Path, Path]:
+    """The request image (a 640x480 JPEG of chelsea) and seeded random-init weights, written into `folder`."""
+    image = folder / "photo-640x480.jpg"
+    image.write_bytes(encode(resized(photo("chelsea"), 640, 480), "JPEG", quality=90))
+    weights = folder / f"{variant}.safetensors"
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in create_model(variant).state_dict().items()}, weights)
+    return image, weights
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="crossvit_9_dagger_240")
@@ -207,12 +219,7 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
-        image = Path(tmp) / "photo-640x480.jpg"
-        image.write_bytes(encode(resized(photo("chelsea"), 640, 480), "JPEG", quality=90))
-        weights = Path(tmp) / f"{args.variant}.safetensors"
-        torch.manual_seed(0)
-        save_file({k: v.contiguous() for k, v in create_model(args.variant).state_dict().items()}, weights)
-
+        image, weights = load_inputs(Path(tmp), args.variant)
         pre_ms = preprocess_ms(args.variant, image.read_bytes())
         print(f"# {args.variant}, torch {torch.__version__}, {threads} threads; wrk -t1, {args.duration} s per run")
         print(f"# {cpu_line()}")

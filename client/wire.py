@@ -98,8 +98,8 @@ class ModelCard(BaseModel):
     workers: list[dict[str, Any]]
     skipped_modes: list[dict[str, str]] = Field(
         default_factory=list,
-        description="compute modes (e.g. openvino/bf16) that killed a worker while it started them, with the reason: "
-                    "every later start skips them",
+        description="compute modes (e.g. openvino/bf16) that killed a worker while it started them or failed the "
+                    "self-test, with the reason: every later start skips them",
     )
     batching: dict[str, Any]
     limits: dict[str, Any]

@@ -336,8 +336,9 @@ def check_image(cli: str, report: Report) -> None:
     report.check("openvino, fastapi and numpy are", seen["present"] == ["openvino", "fastapi", "numpy"],
                  seen["present"])
     names = {Path(entry).name for entry in seen["entries"]}
-    report.check("a prepared entry (model.xml, model.bin, heads.npz, probe.npz, prepared.json) in CROSSVIT_CACHE_DIR",
-                 {"model.xml", "model.bin", "heads.npz", "probe.npz", "prepared.json"} <= names, seen["entries"])
+    report.check("a prepared entry (model.xml, model.bin, heads.npz, probe.npz, golden.npz, prepared.json) in "
+                 "CROSSVIT_CACHE_DIR", {"model.xml", "model.bin", "heads.npz", "probe.npz", "golden.npz",
+                                        "prepared.json"} <= names, seen["entries"])
     report.check("no checkpoint file in the image", seen["checkpoints"] == [], seen["checkpoints"])
     report.fact("prepared models", f"{seen['bytes'] / 1e6:.1f} MB: {', '.join(seen['entries'])}")
 
@@ -430,6 +431,10 @@ def check_service(cli: str, container: str, label: str, port: int, report: Repor
         report.check("/v1/models names the model, random weights, CPU workers ready",
                      models["name"] == MODEL_ENV["CROSSVIT_MODEL"] and models["weights"]["pretrained"] is False
                      and models["devices"] == ["cpu"] and models["worker_count"] >= 1, models["workers"])
+        ready = [w for w in models["workers"] if w["state"] == "ready"]
+        report.check("each ready worker passed the self-test on the golden images the package ships",
+                     bool(ready) and all(w.get("self_test", {}).get("passed") is True for w in ready),
+                     [w.get("self_test") for w in models["workers"]])
     uids = run([cli, "exec", container, "python", "-c",
                 "import glob, re; print(sorted({re.search(r'^Uid:\\s+(\\d+)', open(p).read(), re.M).group(1) "
                 "for p in glob.glob('/proc/[0-9]*/status')}))"]).stdout.strip()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import multiprocessing
 import os
@@ -12,6 +13,7 @@ import time
 from types import FrameType
 from typing import NoReturn
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
@@ -99,7 +101,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prepare-only", action="store_true",
                         help="resolve the weights and fill the converted-model cache (CACHE_DIR), then exit: "
                              "for image builds and init containers")
+    parser.add_argument("--self-test", action="store_true",
+                        help="ask the server running with these settings (HOST, PORT, API_KEYS) to run its self-test "
+                             "on the golden images now; prints the report; exit 0 passed, 1 failed, 2 no answer")
     return parser
+
+
+def self_test(settings: Settings) -> int:
+    """POST /v1/admin/self-test to the local server: what an operator runs in a pod (kubectl exec)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{host}:{settings.port}/v1/admin/self-test"
+    headers = {"Authorization": f"Bearer {settings.api_keys[0].get_secret_value()}"} if settings.api_keys else {}
+    try:
+        response = httpx.post(url, headers=headers, timeout=120)
+    except httpx.HTTPError as exc:
+        sys.stderr.write(f"no answer from {url}: {exc}\n")
+        return 2
+    try:
+        report = response.json()
+    except ValueError:
+        report = {"status": response.status_code, "body": response.text[:500]}
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0 if response.status_code == 200 and report.get("passed") else 1 if response.status_code == 200 else 2
 
 
 def _warn_unknown_env(settings_fields: set[str]) -> None:
@@ -113,8 +136,8 @@ def _warn_unknown_env(settings_fields: set[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    prepare_only = args.prepare_only
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "prepare_only"}
+    prepare_only, check = args.prepare_only, args.self_test
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("prepare_only", "self_test")}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -124,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     _warn_unknown_env(set(Settings.model_fields))
     if prepare_only:
         return prepare(settings)
+    if check:
+        return self_test(settings)
     app = create_app(settings)
     server = DrainingServer(uvicorn_config(app, settings), app, settings.shutdown_timeout_s)
     probes = ProbeServer(app, app.state.metrics, settings.host, settings.probe_port) if settings.probe_port else None

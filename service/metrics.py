@@ -51,3 +51,7 @@ class Metrics:
         )
         self.worker_restarts = Counter("crossvit_worker_restarts", "worker processes restarted", registry=r)
         self.workers_ready = Gauge("crossvit_workers_ready", "workers that can take work", registry=r)
+        self.self_tests = Counter(
+            "crossvit_self_tests", "end-to-end self-tests on the golden images (each worker start, and on demand), "
+            "by outcome", ["outcome"], registry=r,
+        )

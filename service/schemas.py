@@ -7,6 +7,8 @@ the client parses.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from client.wire import (
@@ -33,6 +35,7 @@ __all__ = [
     "ModelCard",
     "PredictionModel",
     "Readiness",
+    "SelfTestReport",
     "Timing",
 ]
 
@@ -55,3 +58,14 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     reason: str
+
+
+class SelfTestReport(BaseModel):
+    """POST /v1/admin/self-test: the golden images through the served path, on every ready worker."""
+
+    passed: bool = Field(description="every ready worker reproduced the golden record within its mode's tolerance")
+    workers: list[dict[str, Any]] = Field(
+        description="per worker: id, mode, passed, worst_cosine, worst_rel_err, tolerance, recorded (where the "
+                    "reference came from), seconds, and the reason when it failed (that worker then restarts "
+                    "without the mode, as at start-up)",
+    )

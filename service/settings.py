@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     fetch_weights: bool = Field(True, description="download the published checkpoint when none is present")
     weights_source: Literal["hub", "official"] = "hub"
     allow_random_weights: bool = Field(False, description="serve a randomly initialised model when no weights exist")
+    labels_file: Path | None = Field(
+        None, description="class names, one per line in class order (default: ImageNet-1k's); the model's self-test "
+                          "record names classes with the file it was prepared with",
+    )
 
     # devices and workers
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -47,6 +51,11 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, le=256)
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(64, ge=1, description="images waiting for a worker before 503")
+    calibrate_p99_ms: float | None = Field(
+        None, gt=0, description="p99 latency target: once the workers are ready, time every batch size up to "
+                                "MAX_BATCH_SIZE on this hardware and take the largest batch (and its delay) that keeps "
+                                "it; unset: MAX_BATCH_SIZE and MAX_BATCH_DELAY_MS as set",
+    )
     request_timeout_s: float = Field(30.0, gt=0)
     shutdown_timeout_s: float = Field(25.0, gt=0, description="drain budget after SIGTERM")
     watchdog_floor_s: float = Field(
@@ -58,6 +67,11 @@ class Settings(BaseSettings):
     )
     watchdog_multiplier: float = Field(
         10.0, ge=2, description="a batch may run this many times its expected (p99 measured) time"
+    )
+
+    self_test: bool = Field(
+        True, description="a started worker takes work only once the golden images, through the served path, "
+                          "reproduce the answers recorded for its weights within its mode's tolerance",
     )
 
     # request limits
@@ -103,6 +117,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="test only, comma-separated: a worker calls os.abort() when it starts one of these modes "
                     "(e.g. openvino/bf16), to prove that start-up survives a mode that crashes",
+    )
+
+    test_preprocess_fault: Literal["none", "bgr"] = Field(
+        "none", description="test only: 'bgr' swaps the colour channels after preprocessing, on the served path, "
+                            "to prove that the self-test keeps such a server unready",
     )
 
     @field_validator("device")

@@ -6,6 +6,8 @@ resolved, function-level ones included).
 - the worker process's side (service/worker/) never imports the HTTP face (service/api/, the app), the
   uploads or the parent's inference machinery: what both sides share is service/worker/protocol.py;
 - the imaging (service/imaging/) is pure: nothing of the HTTP face, the uploads, inference or the worker;
+- the self-test's golden images, record and comparison (service/golden/) are read by both sides: besides
+  the imaging, nothing of either;
 - inference (the parent's engine, batcher, pool) never imports the HTTP face;
 - of the server, only service/schemas.py imports the client, and only its wire models.
 """
@@ -31,6 +33,8 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     (WORKER_SIDE, PARENT_AND_HTTP, "the worker process shares only service.worker.protocol with the parent"),
     (("service.imaging",), ("service.api", "service.uploads", "service.inference", "service.worker", "service.app"),
      "the imaging is pure: bytes in, pixels out"),
+    (("service.golden",), ("service.api", "service.uploads", "service.inference", "service.worker", "service.app"),
+     "the golden record is shared by the worker and the parent: it imports neither"),
     (("service.inference",), ("service.api", "service.app", "service.cli"), "inference knows nothing of HTTP"),
 ]
 
@@ -88,6 +92,7 @@ def test_imports_point_one_way() -> None:
     ("service/worker/backends/extra.py", "from ...inference.pool import WorkerPool"),
     ("service/worker/extra.py", "from ..api.deps import EngineDep"),
     ("service/imaging/extra.py", "from ..uploads.bodies import Body"),
+    ("service/golden/extra.py", "from ..inference.pool import WorkerPool"),
     ("service/inference/extra.py", "from ..api import v1"),
     ("service/routes_extra.py", "from client.api import Client"),
 ])

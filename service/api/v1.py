@@ -1,4 +1,4 @@
-"""HTTP routes: /v1/classify, /v1/models, and the operational /healthz, /readyz, /metrics.
+"""HTTP routes: /v1/classify, /v1/models, /v1/admin/self-test, and the operational /healthz, /readyz, /metrics.
 
 What /v1 and /v2 share (the app's state, the body, the key, deadlines) is service/api/deps.py.
 """
@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import InvalidParameterError
-from ..schemas import ClassifyJSON, ClassifyResponse, ErrorResponse, Health, ModelCard, Readiness
+from ..schemas import ClassifyJSON, ClassifyResponse, ErrorResponse, Health, ModelCard, Readiness, SelfTestReport
 from ..uploads.inputs import MULTIPART_FIELD, RAW_IMAGE_TYPES, read_images
 from .deps import BodyDep, EngineDep, SettingsDep, deadline, require_api_key, until_client_leaves
 
@@ -113,6 +113,16 @@ async def models(request: Request, engine: EngineDep) -> dict[str, Any]:
         "skipped_modes": serving["skipped_modes"],
         "batching": serving["batching"],
     }
+
+
+@v1.post(
+    "/admin/self-test", response_model=SelfTestReport, responses=_errors(503),
+    summary="Run the start-up self-test again on every ready worker (operators: check a pod)",
+)
+async def self_test(engine: EngineDep) -> dict[str, Any]:
+    engine.require_ready()
+    workers = await engine.self_test()
+    return {"passed": bool(workers) and all(w.get("passed") for w in workers), "workers": workers}
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process can answer")

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from model.variants import Variant, get_variant
-from weights.labels import imagenet_labels
+from weights.labels import load_labels
 
 from ..imaging.preprocess import InputSpec
 from ..settings import Settings
@@ -32,6 +32,13 @@ logger = logging.getLogger(__name__)
 
 
 def engine_config(settings: Settings, variant: Variant, weights: LoadedWeights) -> EngineConfig:
+    try:
+        labels = load_labels(settings.labels_file)
+    except OSError as exc:
+        raise ValueError(f"CROSSVIT_LABELS_FILE cannot be read: {exc}") from None
+    if len(labels) != variant.config.num_classes:
+        raise ValueError(f"{settings.labels_file} names {len(labels)} classes; {variant.name} has "
+                         f"{variant.config.num_classes}")
     placements = plan_workers(settings.device, settings.workers, settings.threads_per_worker)
     cpu_budget = usable_cpus() if settings.threads_per_worker == "auto" else None
     cpu_workers = sum(p.device == "cpu" for p in placements)
@@ -50,13 +57,14 @@ def engine_config(settings: Settings, variant: Variant, weights: LoadedWeights) 
             threads=p.threads, thread_options=options, max_batch_size=settings.max_batch_size,
             cache_dir=str(model_cache_dir(settings)) if choice.name == "openvino" else None,
             log_level=settings.log_level, log_format=settings.log_format,
+            labels_file=None if settings.labels_file is None else str(settings.labels_file),
             abort_modes=tuple(settings.test_abort_modes),
         )
         replicas.append((spec, choice))
     threads = settings.preprocess_threads
     return EngineConfig(
         input_spec=InputSpec.from_variant(variant),
-        labels=imagenet_labels(),
+        labels=labels,
         replicas=[spec for spec, _ in replicas],
         max_batch_size=settings.max_batch_size,
         max_batch_delay_ms=settings.max_batch_delay_ms,
@@ -66,6 +74,9 @@ def engine_config(settings: Settings, variant: Variant, weights: LoadedWeights) 
         cpu_budget=cpu_budget,
         watchdog=WatchdogConfig(settings.watchdog_floor_s, settings.watchdog_multiplier,
                                 settings.worker_start_timeout_s),
+        self_test=settings.self_test,
+        calibrate_p99_ms=settings.calibrate_p99_ms,
+        test_preprocess_fault=None if settings.test_preprocess_fault == "none" else settings.test_preprocess_fault,
     )
 
 
@@ -90,7 +101,11 @@ def prepare(settings: Settings) -> int:
             logger.info("prepared: weights verified; the torch backend converts nothing",
                         extra={"sha256": weights.sha256})
             return 0
-        spec = engine_config(settings, variant, weights).replicas[0]
+        try:
+            spec = engine_config(settings, variant, weights).replicas[0]
+        except ValueError as exc:
+            logger.error("cannot prepare: %s", exc)
+            return 2
         compiled = model_cache_dir(settings) / "compiled"
         blobs_before = compiled.exists()
         try:

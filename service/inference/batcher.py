@@ -90,6 +90,10 @@ class Batcher:
     def wake(self) -> None:
         self.queue.poke()
 
+    def set_limits(self, max_batch_size: int, max_batch_delay_s: float) -> None:
+        """New limits from the next batch on (the calibration's)."""
+        self._max, self._delay_s = max_batch_size, max_batch_delay_s
+
     async def _until(self, predicate: Callable[[], bool], deadline: float | None = None) -> bool:
         while not predicate():
             self.queue.changed.clear()

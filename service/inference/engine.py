@@ -7,6 +7,7 @@ Routes hand over image bytes and a deadline and get predictions back; everything
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import math
@@ -22,13 +23,16 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import DeadlineExceededError, NotReadyError, OverloadedError
+from ..golden import golden_pixels
 from ..imaging.preprocess import DecodeCancelled, InputSpec, Preprocessed, preprocess
 from ..metrics import Metrics
 from ..worker.protocol import ReplicaSpec
 from .agreement import Agreement, branch_agreement, log_softmax
 from .batcher import Batcher, ImageQueue
+from .calibration import Calibration, calibrate
 from .items import Pending
 from .pool import WorkerPool
+from .selftest import SelfTest
 from .watchdog import WatchdogConfig
 
 __all__ = ["Classification", "Engine", "EngineConfig", "ImageResult", "Prediction"]
@@ -36,6 +40,7 @@ __all__ = ["Classification", "Engine", "EngineConfig", "ImageResult", "Predictio
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 30
+GOLDEN_MAX_PIXELS = 1_000_000
 T = TypeVar("T")
 
 
@@ -78,6 +83,9 @@ class EngineConfig:
     preprocess_threads: int
     cpu_budget: int | None  # cores CPU workers share dynamically; None: fixed threads per worker
     watchdog: WatchdogConfig  # when a worker counts as hung
+    self_test: bool = True  # a started worker takes work only once the golden images come out right
+    test_preprocess_fault: str | None = None  # test only: "bgr" swaps the channels after preprocessing
+    calibrate_p99_ms: float | None = None  # measure the batch limits for this p99 target once workers are ready
 
 
 class DrainRate:
@@ -150,12 +158,17 @@ class Engine:
             on_done=self._rate.record,
             cpu_budget=config.cpu_budget,
             watchdog=config.watchdog,
+            # the golden images (at most 451x300) must pass however low a server sets its pixel limit
+            self_test=SelfTest(lambda data: self._decode(data, max_pixels=GOLDEN_MAX_PIXELS).pixels, config.labels),
+            check_on_start=config.self_test,
         )
         self._batcher = Batcher(
             self._pool, max_batch_size=config.max_batch_size, max_batch_delay_s=config.max_batch_delay_ms / 1000,
             queue=queue,
         )
         self._batcher_task: asyncio.Task[None] | None = None
+        self._calibration: Calibration | None = None
+        self._calibrating: asyncio.Task[None] | None = None
         metrics.queue_depth.set_function(lambda: len(self._batcher.queue))
         metrics.in_flight.set_function(lambda: self._in_flight)
         metrics.workers_ready.set_function(lambda: self._pool.ready_count)
@@ -167,12 +180,49 @@ class Engine:
         engine = cls(config, metrics)
         engine._pool.start()
         engine._batcher_task = asyncio.create_task(engine._batcher.run(), name="batcher")
+        if config.calibrate_p99_ms is not None:
+            engine._calibrating = asyncio.create_task(engine._calibrate(config.calibrate_p99_ms), name="calibration")
         try:
             yield engine
         finally:
             await engine._close(stop_timeout_s)
 
+    async def _calibrate(self, target_ms: float) -> None:
+        """Once every worker is ready (or the start timeout passed), time each batch size and take the limits."""
+        deadline = time.monotonic() + self._config.watchdog.start_timeout_s
+        while self._pool.ready_count < len(self._config.replicas) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self._pool.ready_count == 0:
+            logger.warning("no worker ready to calibrate on; keeping the configured batch limits")
+            self._calibrating = None
+            return
+        logger.info("calibrating the batch limits", extra={"target_p99_ms": target_ms,
+                                                          "workers": self._pool.ready_count})
+        golden = await asyncio.to_thread(golden_pixels, self._config.input_spec)
+        repeats = -(-self._config.max_batch_size // len(golden))
+        pixels = np.concatenate([golden] * repeats)
+
+        async def run_everywhere(batch: int) -> int:
+            return await self._pool.run_everywhere(pixels[:batch])
+
+        try:
+            result = await calibrate(run_everywhere, self._config.max_batch_size, target_ms)
+        except Exception:  # the hand-set limits stay; the service must not stay unready over it
+            logger.exception("calibration failed; keeping the configured batch limits")
+        else:
+            self._batcher.set_limits(result.max_batch_size, result.max_batch_delay_ms / 1000)
+            self._calibration = result
+            logger.info("batch limits calibrated", extra={
+                "target_p99_ms": target_ms, "max_batch_size": result.max_batch_size,
+                "max_batch_delay_ms": result.max_batch_delay_ms, "predicted_ms": result.predicted_ms,
+                "images_per_s": result.images_per_s, "calibration_s": result.seconds,
+                "batch_ms": ",".join(f"{t.batch}:{t.round_ms}" for t in result.timings)})
+        finally:
+            self._calibrating = None
+
     async def _close(self, timeout_s: float) -> None:
+        if self._calibrating is not None:
+            self._calibrating.cancel()
         if self._batcher_task is not None:
             self._batcher_task.cancel()
             try:
@@ -186,10 +236,13 @@ class Engine:
     def readiness(self) -> tuple[bool, str]:
         if self._draining:
             return False, "draining: the server is shutting down"
+        if self._calibrating is not None:
+            return False, f"calibrating the batch limits for p99 <= {self._config.calibrate_p99_ms:g} ms"
         ready = self._pool.ready_count  # a worker the watchdog found hung is not ready
         if ready == 0:
-            states = [w["state"] for w in self._pool.describe()]
-            return False, f"no worker can take work yet ({', '.join(states)})"
+            states = [w["state"] + (f": {w['last_error']}" if w["last_error"] else "") for w in self._pool.describe()]
+            skipped = "".join(f"; {s['mode']} skipped: {s['reason']}" for s in self._pool.skipped_modes())
+            return False, f"no worker can take work yet ({', '.join(states)}){skipped}"
         return True, f"{ready} worker(s) ready"
 
     def require_ready(self) -> str:
@@ -200,18 +253,23 @@ class Engine:
         return reason
 
     def describe(self) -> dict[str, Any]:
-        workers = self._pool.describe()
+        workers, calibrated = self._pool.describe(), self._calibration
         return {
             "workers": workers,
             "skipped_modes": self._pool.skipped_modes(),
             "devices": sorted({w["device"] for w in workers}),
             "batching": {
-                "max_batch_size": self._config.max_batch_size,
-                "max_batch_delay_ms": self._config.max_batch_delay_ms,
+                "max_batch_size": calibrated.max_batch_size if calibrated else self._config.max_batch_size,
+                "max_batch_delay_ms": calibrated.max_batch_delay_ms if calibrated else self._config.max_batch_delay_ms,
+                "calibration": calibrated.summary() if calibrated else None,
                 "max_queue_images": self._config.max_queue,
                 "queued_images": len(self._batcher.queue),
             },
         }
+
+    async def self_test(self) -> list[dict[str, Any]]:
+        """The start-up self-test again, now, on every ready worker (POST /v1/admin/self-test)."""
+        return await self._pool.self_test_ready()
 
     def begin_drain(self) -> None:
         """Refuse new work from now on; what was accepted still completes."""
@@ -324,14 +382,13 @@ class Engine:
         """Decode every image in the thread pool; once the request is gone (deadline, a failed image,
         a disconnect) its decodes stop at their next checkpoint and queued ones never start."""
         loop = asyncio.get_running_loop()
-        spec, max_pixels = self._config.input_spec, self._config.max_image_pixels
         gone = threading.Event()
 
         def run(index: int, data: bytes) -> Preprocessed:
             begun = time.perf_counter()
             finished = True
             try:
-                return preprocess(data, spec, max_pixels=max_pixels, index=index, cancelled=gone)
+                return self._decode(data, index=index, cancelled=gone)
             except DecodeCancelled:
                 finished = False
                 raise
@@ -345,6 +402,15 @@ class Engine:
             return await _settle(jobs, deadline)
         finally:
             gone.set()  # harmless once every job is done
+
+    def _decode(self, data: bytes, *, index: int | None = None, cancelled: threading.Event | None = None,
+                max_pixels: int | None = None) -> Preprocessed:
+        """The served path's preprocessing, which the self-test checks too."""
+        limit = self._config.max_image_pixels if max_pixels is None else max_pixels
+        decoded = preprocess(data, self._config.input_spec, max_pixels=limit, index=index, cancelled=cancelled)
+        if self._config.test_preprocess_fault == "bgr":
+            return dataclasses.replace(decoded, pixels=np.ascontiguousarray(decoded.pixels[::-1]))
+        return decoded
 
     def _top(self, logits: np.ndarray, top_k: int) -> list[list[Prediction]]:
         probabilities = np.exp(log_softmax(logits))

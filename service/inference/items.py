@@ -33,3 +33,4 @@ class Pending:
     future: asyncio.Future[WorkerOutput]
     enqueued_at: float = field(default_factory=time.monotonic)
     attempts: int = 0  # dispatches so far; a worker crash allows one retry
+    internal: bool = False  # the self-test's: one worker's, never retried elsewhere, not counted in the metrics

@@ -8,6 +8,8 @@ hung by the watchdog and killed, which takes the same path. Readiness reads `rea
 A worker that dies while starting a compute mode (it sent `Trying(mode)` and never got ready)
 was killed by that mode, not by bad luck: every later start, of any worker, skips it (bf16, then
 fp32 OpenVINO, then PyTorch), so a crash that depends on the CPU cannot keep the service unready.
+A started worker takes work only once the self-test (selftest.py) has run the golden images through
+it and found its answers right; a mode that answers wrongly is skipped the same way.
 """
 
 from __future__ import annotations
@@ -26,11 +28,16 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import numpy as np
+
 from ..errors import WorkerFailedError
+from ..golden import GoldenRecord
 from ..metrics import Metrics
 from ..worker import main as worker_main
+from ..worker.backends.base import mode_key
 from ..worker.protocol import Done, Failed, Fatal, Ping, Pong, Ready, ReplicaSpec, Run, Slots, Stop, ToParent, Trying
 from .items import Pending, WorkerOutput
+from .selftest import SelfTest
 from .watchdog import InferenceTimes, WatchdogConfig
 
 __all__ = ["WorkerPool", "WorkerState", "shared_threads"]
@@ -44,6 +51,7 @@ STABLE_AFTER_S = 60.0  # a worker up this long counts as a successful start: the
 # Work waits for a worker that was ready and is restarting for its backoff plus this many times its
 # last start (at least RESTART_GRACE_MIN_S); past that, classify answers 503 not_ready at once.
 RESTART_GRACE_FACTOR, RESTART_GRACE_MIN_S = 2.0, 5.0
+ON_DEMAND_TIMEOUT_S = 30.0  # an on-demand self-test of one worker
 
 
 def shared_threads(threads: int, cpu_budget: int | None, busy: int) -> int:
@@ -55,6 +63,7 @@ def shared_threads(threads: int, cpu_budget: int | None, busy: int) -> int:
 
 class WorkerState(str, enum.Enum):
     STARTING = "starting"
+    CHECKING = "self-test"  # started; its answers for the golden images are being checked
     READY = "ready"
     HUNG = "hung"  # the watchdog killed it; its death is being handled
     DEAD = "dead"
@@ -91,6 +100,8 @@ class _Worker:
     last_heard: float = 0.0  # its last message
     ping_sent_at: float | None = None  # an unanswered ping to the idle worker
     trying: str | None = None  # the compute mode it is starting ("openvino/bf16"), until ready or fatal
+    golden: GoldenRecord | None = None  # its reference answers, from its Ready
+    checking: asyncio.Task[None] | None = None  # the self-test running on it
 
 
 class WorkerPool:
@@ -106,6 +117,8 @@ class WorkerPool:
         on_done: Callable[[int], None],
         cpu_budget: int | None = None,
         watchdog: WatchdogConfig,
+        self_test: SelfTest,
+        check_on_start: bool = True,
     ) -> None:
         self._ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
         # A worker's numpy (the OpenVINO heads) would start a BLAS thread per core beside the threads it
@@ -128,7 +141,9 @@ class WorkerPool:
         self._watchdog = watchdog
         self._times: dict[str, InferenceTimes] = {}  # per device: a GPU's batches say nothing of a CPU's
         self._watch_task: asyncio.Task[None] | None = None
-        self._crashed_modes: dict[str, str] = {}  # mode -> how it killed a starting worker; skipped from then on
+        self._self_test, self._check_on_start = self_test, check_on_start
+        # mode -> why it is skipped from then on: it killed a starting worker, or failed the self-test
+        self._skipped_modes: dict[str, str] = {}
 
     # -- what the batcher and readiness read -------------------------------------------------
     @property
@@ -152,8 +167,8 @@ class WorkerPool:
         return any(w.state is WorkerState.READY and not w.in_flight for w in self._workers)
 
     def skipped_modes(self) -> list[dict[str, str]]:
-        """Modes that killed a worker while it started them, skipped by every later start."""
-        return [{"mode": mode, "reason": reason} for mode, reason in self._crashed_modes.items()]
+        """Modes that killed a worker while it started them, or failed the self-test: every later start skips them."""
+        return [{"mode": mode, "reason": reason} for mode, reason in self._skipped_modes.items()]
 
     def describe(self) -> list[dict[str, Any]]:
         return [
@@ -165,7 +180,8 @@ class WorkerPool:
                 "batches_in_flight": len(w.in_flight),
                 "restarts": w.restarts,
                 "last_error": w.last_error,
-                **{k: w.info[k] for k in ("backend", "mode", "guard_cosine", "rel_err", "startup_s") if k in w.info},
+                **{k: w.info[k] for k in ("backend", "mode", "guard_cosine", "rel_err", "startup_s", "self_test")
+                   if k in w.info},
             }
             for w in self._workers
         ]
@@ -185,6 +201,8 @@ class WorkerPool:
         for worker in self._workers:
             if worker.restart is not None:
                 worker.restart.cancel()
+            if worker.checking is not None:
+                worker.checking.cancel()
         live = [w for w in self._workers if w.process is not None and w.process.is_alive()]
         for worker in live:
             try:
@@ -207,8 +225,8 @@ class WorkerPool:
 
     def _spawn(self, worker: _Worker) -> None:
         assert self._loop is not None
-        if tuple(self._crashed_modes) != worker.spec.skip_modes:
-            worker.spec = dataclasses.replace(worker.spec, skip_modes=tuple(self._crashed_modes))
+        if tuple(self._skipped_modes) != worker.spec.skip_modes:
+            worker.spec = dataclasses.replace(worker.spec, skip_modes=tuple(self._skipped_modes))
         worker.trying = None
         parent_conn, child_conn = self._ctx.Pipe()
         process = self._ctx.Process(
@@ -225,6 +243,10 @@ class WorkerPool:
         worker.in_flight = {}
         worker.busy_since = worker.ping_sent_at = None
         self._loop.add_reader(parent_conn.fileno(), self._on_readable, worker)
+        # uvloop's add_reader makes the socket non-blocking; a message over 16 kB (the golden record in Ready)
+        # arrives in two writes, and a non-blocking recv between them would raise mid-message and lose it.
+        # Blocking reads are safe: `_on_readable` reads only once data is there, and the rest follows at once.
+        os.set_blocking(parent_conn.fileno(), True)
         self._loop.add_reader(process.sentinel, self._on_exit, worker)
         logger.info("worker starting", extra={"worker": worker.spec.worker_id, "pid": process.pid,
                                                "device": worker.spec.device})
@@ -244,18 +266,22 @@ class WorkerPool:
         if not candidates:
             self._requeue(batch)
             return
-        worker = min(candidates, key=lambda w: len(w.in_flight))
+        self._dispatch(min(candidates, key=lambda w: len(w.in_flight)), batch)
+
+    def _dispatch(self, worker: _Worker, batch: list[Pending]) -> None:
         slot = worker.free_slots.pop()
         now = time.monotonic()
         for i, item in enumerate(batch):
             worker.slots.x[slot, i] = item.pixels
             item.attempts += 1
-            self._metrics.queue_wait.observe(now - item.enqueued_at)
+            if not item.internal:
+                self._metrics.queue_wait.observe(now - item.enqueued_at)
         record = _Batch(next(self._batch_ids), slot, batch, now)
         if not worker.in_flight:
             worker.busy_since = now  # an idle worker starts it at once; a busy one after its current batch
         worker.in_flight[record.id] = record
-        self._metrics.batch_size.observe(len(batch))
+        if not batch[0].internal:
+            self._metrics.batch_size.observe(len(batch))
         try:
             assert worker.conn is not None
             worker.conn.send(Run(record.id, slot, len(batch), self._threads_for(worker)))
@@ -280,12 +306,16 @@ class WorkerPool:
     def _handle(self, worker: _Worker, message: ToParent) -> None:
         worker.last_heard = time.monotonic()
         match message:
-            case Ready(info):
-                worker.state, worker.info, worker.last_error, worker.trying = WorkerState.READY, info, None, None
-                worker.up_since, worker.back_by = worker.last_heard, None
-                worker.last_start_s = worker.last_heard - worker.spawned_at
+            case Ready(info, golden):
+                worker.info, worker.golden, worker.last_error, worker.trying = info, golden, None, None
                 if "warm_up_s" in info:
                     self._times_of(worker).record_warm_up(worker.spec.max_batch_size, info["warm_up_s"])
+                if self._check_on_start:
+                    # a death before the check passes (a kernel that crashes on real images) names the mode
+                    worker.state, worker.trying = WorkerState.CHECKING, mode_key(info["backend"], info["mode"])
+                    self._start_self_test(worker)
+                else:
+                    self._admit(worker)
             case Pong():
                 worker.ping_sent_at = None
             case Trying(mode):
@@ -300,8 +330,9 @@ class WorkerPool:
                             logits[i], queue_s=batch.dispatched_at - item.enqueued_at, inference_s=seconds,
                             batch_size=len(batch.items),
                         ))
-                self._metrics.inference.observe(seconds)
-                self._on_done(len(batch.items))
+                if not batch.items[0].internal:
+                    self._metrics.inference.observe(seconds)
+                    self._on_done(len(batch.items))
             case Failed(batch_id, slot, reason):
                 batch = self._finished(worker, batch_id, slot)
                 logger.error("batch failed on a worker", extra={"worker": worker.spec.worker_id, "reason": reason})
@@ -341,7 +372,7 @@ class WorkerPool:
             for item in batch.items:
                 if item.future.done():
                     continue
-                if item.attempts < MAX_ATTEMPTS:
+                if item.attempts < MAX_ATTEMPTS and not item.internal:
                     retry.append(item)
                 else:
                     self._fail([item], "the worker processing this image died twice; retry the request")
@@ -370,11 +401,102 @@ class WorkerPool:
 
     def _skip_crashed_mode(self, worker: _Worker, mode: str, exitcode: int | None) -> None:
         reason = f"worker {worker.spec.worker_id} died (exit code {exitcode}) while starting this mode"
-        self._crashed_modes.setdefault(mode, reason)
+        self._skipped_modes.setdefault(mode, reason)
         worker.last_error = f"{mode} crashed the worker while starting (exit code {exitcode}); skipped from now on"
         logger.error("a compute mode crashed a worker while it started; every later start skips it",
                      extra={"worker": worker.spec.worker_id, "mode": mode, "exitcode": exitcode,
-                            "skipped_modes": ",".join(self._crashed_modes)})
+                            "skipped_modes": ",".join(self._skipped_modes)})
+
+    # -- the self-test ----------------------------------------------------------------------------
+    def _admit(self, worker: _Worker) -> None:
+        worker.state, worker.trying = WorkerState.READY, None
+        worker.up_since, worker.back_by = time.monotonic(), None
+        worker.last_start_s = worker.up_since - worker.spawned_at
+
+    def _start_self_test(self, worker: _Worker) -> None:
+        assert self._loop is not None
+        worker.checking = self._loop.create_task(self._run_self_test(worker), name=f"self-test-{worker.spec.worker_id}")
+
+    async def self_test_ready(self) -> list[dict[str, Any]]:
+        """The self-test on every ready worker now, one at a time (the others keep serving): each worker's
+        result; a worker that fails is taken out of service as at start."""
+        results = []
+        for worker in [w for w in self._workers if w.state is WorkerState.READY]:
+            try:  # a slot of a worker under load frees within a batch or two
+                await asyncio.wait_for(self._run_self_test(worker), ON_DEMAND_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                results.append({"id": worker.spec.worker_id, "state": worker.state.value, "passed": False,
+                                "reason": f"no answer within {ON_DEMAND_TIMEOUT_S:g} s (the worker is busy or stuck)"})
+                continue
+            results.append({"id": worker.spec.worker_id, "state": worker.state.value,
+                            "mode": mode_key(worker.info.get("backend", "?"), worker.info.get("mode", "?")),
+                            **worker.info.get("self_test", {})})
+        return results
+
+    async def _run_self_test(self, worker: _Worker) -> None:
+        process, record = worker.process, worker.golden
+        key = mode_key(worker.info.get("backend", "?"), worker.info.get("mode", "?"))
+        assert record is not None
+        try:
+            result, seconds = await self._self_test.run(record, worker.info.get("mode", "?"),
+                                                        lambda pixels: self._infer_on(worker, process, pixels))
+        except WorkerFailedError:
+            return  # it died meanwhile: its exit is handled (and its next start checked) already
+        except Exception as exc:  # noqa: BLE001 - any reason the check cannot run refuses the mode, said why
+            self._metrics.self_tests.labels("failed").inc()
+            self._refuse(worker, key, f"the self-test could not run: {type(exc).__name__}: {exc}")
+            return
+        if worker.process is not process:
+            return
+        worker.info["self_test"] = {**result.summary(), "seconds": round(seconds, 3)}
+        self._metrics.self_tests.labels("passed" if result.passed else "failed").inc()
+        if not result.passed:
+            self._refuse(worker, key, f"self-test failed: {result.reason()}")
+            return
+        logger.info("self-test passed", extra={"worker": worker.spec.worker_id, "mode": key,
+                                               "worst_cosine": result.worst_cosine,
+                                               "worst_rel_err": f"{result.worst_rel_err:.2e}",
+                                               "tolerance": result.tolerance.name, "recorded": result.recorded,
+                                               "self_test_s": round(seconds, 3)})
+        if worker.state is WorkerState.CHECKING:
+            self._admit(worker)
+            self._wake()
+
+    async def _infer_on(self, worker: _Worker, process: BaseProcess | None, pixels: np.ndarray) -> np.ndarray:
+        """`pixels` run on this worker's `process` alone, a batch at a time, as internal items."""
+        assert self._loop is not None
+        outputs: list[np.ndarray] = []
+        for start in range(0, len(pixels), worker.spec.max_batch_size):
+            while not worker.free_slots and worker.process is process and worker.conn is not None:
+                await asyncio.sleep(0.005)  # a serving worker's slots may both be busy
+            if (worker.process is not process or worker.conn is None
+                    or worker.state not in (WorkerState.READY, WorkerState.CHECKING)):
+                raise WorkerFailedError("the worker left service during the self-test")
+            items = [Pending(x, self._loop.create_future(), internal=True)
+                     for x in pixels[start:start + worker.spec.max_batch_size]]
+            self._dispatch(worker, items)
+            for item in items:
+                outputs.append((await item.future).logits)
+        return np.stack(outputs)
+
+    async def run_everywhere(self, pixels: np.ndarray) -> int:
+        """`pixels` as one batch on every ready worker at once (the calibration's load); how many ran it."""
+        workers = [w for w in self._workers if w.state is WorkerState.READY]
+        await asyncio.gather(*(self._infer_on(w, w.process, pixels) for w in workers))
+        return len(workers)
+
+    def _refuse(self, worker: _Worker, key: str, reason: str) -> None:
+        """The mode answers wrongly on this machine: no worker serves it from now on (this one restarts
+        into the next mode; with none left, it reports that and stays out of service)."""
+        self._skipped_modes.setdefault(key, reason)
+        worker.last_error = f"{key}: {reason}"
+        logger.error("a worker's mode failed the self-test; every later start skips it",
+                     extra={"worker": worker.spec.worker_id, "mode": key, "reason": reason,
+                            "skipped_modes": ",".join(self._skipped_modes)})
+        worker.state, worker.trying = WorkerState.DEAD, None  # out of service now; its exit restarts it
+        assert worker.process is not None
+        worker.process.kill()
+        self._wake()
 
     def _restart(self, worker: _Worker) -> None:
         if self._stopping:
@@ -401,7 +523,7 @@ class WorkerPool:
             if started > self._watchdog.start_timeout_s:
                 self._kill_hung(worker, f"its start ran {started:.1f} s (limit {self._watchdog.start_timeout_s:g} s)")
             return
-        if worker.state is not WorkerState.READY or worker.conn is None:
+        if worker.state not in (WorkerState.READY, WorkerState.CHECKING) or worker.conn is None:
             return
         if not worker.in_flight and worker.ping_sent_at is None and now - worker.last_heard > self._watchdog.floor_s:
             worker.ping_sent_at = now  # idle and silent for a while: is it still there?
@@ -414,7 +536,7 @@ class WorkerPool:
             return
         self._on_readable(worker)  # an answer already in the pipe still counts
         reason = self._overdue(worker, time.monotonic())
-        if reason is not None and worker.state is WorkerState.READY:
+        if reason is not None and worker.state in (WorkerState.READY, WorkerState.CHECKING):
             self._kill_hung(worker, reason)
 
     def _overdue(self, worker: _Worker, now: float) -> str | None:

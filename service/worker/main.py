@@ -18,7 +18,9 @@ from typing import Any
 
 from model.digest import file_sha256
 from model.variants import get_variant
+from weights.labels import load_labels
 
+from ..golden import GoldenRecord
 from .backends import (
     Backend,
     Built,
@@ -43,14 +45,15 @@ class WeightsChangedError(RuntimeError):
 
 
 class PipeGate:
-    """The worker's ModeGate: skips the spec's crashed modes and tells the parent each mode it tries."""
+    """The worker's ModeGate: skips the spec's refused modes (crashed, or failed the self-test) and tells the
+    parent each mode it tries."""
 
     def __init__(self, spec: ReplicaSpec, conn: Connection | None) -> None:
         self._spec, self._conn = spec, conn
 
     def allowed(self, key: str) -> bool:
         if key in self._spec.skip_modes:
-            logger.warning("skipping a mode that crashed a worker while starting",
+            logger.warning("skipping a mode that crashed a worker while starting or failed its self-test",
                            extra={"worker": self._spec.worker_id, "mode": key})
             return False
         return True
@@ -99,7 +102,7 @@ def _build_openvino(spec: ReplicaSpec, gate: ModeGate | None) -> tuple[Built, di
 
         folder, source = prepare_openvino(
             _load_model(spec), cache_dir, variant=variant, sha256=spec.weights_sha256, source=spec.weights_source,
-            pretrained=spec.pretrained,
+            pretrained=spec.pretrained, labels=_labels(spec),
         )
     prepare_s = time.perf_counter() - started
     try:
@@ -109,6 +112,10 @@ def _build_openvino(spec: ReplicaSpec, gate: ModeGate | None) -> tuple[Built, di
         if source == NOT_CACHED:  # read and compiled by now (an unlinked mapping stays valid)
             shutil.rmtree(folder, ignore_errors=True)
     return built, {"model_source": source, "prepare_s": round(prepare_s, 3), **info}
+
+
+def _labels(spec: ReplicaSpec) -> tuple[str, ...]:
+    return load_labels(None if spec.labels_file is None else Path(spec.labels_file))
 
 
 def _load_model(spec: ReplicaSpec) -> Any:
@@ -141,16 +148,21 @@ def _check_unchanged(spec: ReplicaSpec, found: str) -> None:
 def _build_torch(spec: ReplicaSpec, gate: ModeGate | None) -> Built:
     import torch
 
-    from .backends.pytorch_runtime import build_torch, reference_probe
+    from .backends.pytorch_runtime import build_torch, reference_golden, reference_probe
 
     if spec.weights is None:
         raise NotPreparedError("the PyTorch backend needs the checkpoint file, and this start has only a prepared "
                                "OpenVINO model")
     model = _load_model(spec)
-    return build_torch(model, spec.precision, torch.device(spec.device), reference_probe(model), gate)
+    # No prepared record for PyTorch: fp32 on the CPU is the reference, so the self-test checks the reduced
+    # modes, the parent's preprocessing and the class names the parent serves against this start's answers.
+    golden = reference_golden(model, spec.variant, _labels(spec), recorded="this worker's start (PyTorch fp32)")
+    built = build_torch(model, spec.precision, torch.device(spec.device), reference_probe(model), gate)
+    built.golden = golden
+    return built
 
 
-def _build(spec: ReplicaSpec, slots: Slots, gate: ModeGate) -> tuple[Backend, dict[str, Any]]:
+def _build(spec: ReplicaSpec, slots: Slots, gate: ModeGate) -> tuple[Backend, dict[str, Any], GoldenRecord]:
     started = time.perf_counter()
     on_cuda = spec.device.startswith("cuda")
     if on_cuda:
@@ -182,7 +194,8 @@ def _build(spec: ReplicaSpec, slots: Slots, gate: ModeGate) -> tuple[Backend, di
         "warm_up_s": round(warm_up_s, 3),
         **details,
     }
-    return backend, info
+    assert built.golden is not None  # both backends record or load it
+    return backend, info, built.golden
 
 
 def _pin(slots: Slots) -> None:
@@ -224,11 +237,11 @@ def main(spec: ReplicaSpec, conn: Connection, slots: Slots) -> None:
 
     configure_logging(spec.log_level, spec.log_format)
     try:
-        backend, info = _build(spec, slots, PipeGate(spec, conn))
+        backend, info, golden = _build(spec, slots, PipeGate(spec, conn))
     except Exception as exc:  # reported to the parent, which restarts with backoff
         logger.exception("worker failed to start", extra={"worker": spec.worker_id})
         conn.send(Fatal(f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
     logger.info("worker ready", extra={"worker": spec.worker_id, **info, "variant": get_variant(spec.variant).name})
-    conn.send(Ready(info))
+    conn.send(Ready(info, golden))
     _serve(spec, conn, slots, backend)

@@ -4,17 +4,21 @@ A worker is spawned with its `ReplicaSpec` and its `Slots` (shared memory); afte
 small messages cross its pipe. Pixels and logits never do: the parent writes a batch's branch-0
 inputs into a slot and sends `Run`; the worker writes both branches' logits into the same slot
 and answers `Done`. While starting, the worker says `Trying` before each compute mode it compiles
-and checks, so that a death then names the mode (workers.py skips it from then on), and `Ready`
-(or `Fatal`) when done. An idle worker answers `Ping` with `Pong`: the watchdog's sign of life.
+and checks, so that a death then names the mode (the pool skips it from then on), and `Ready`
+(with the golden record the parent's self-test compares its answers with) or `Fatal` when done.
+An idle worker answers `Ping` with `Pong`: the watchdog's sign of life.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..golden import GoldenRecord
 
 __all__ = [
     "Done", "Failed", "Fatal", "Ping", "Pong", "Ready", "ReplicaSpec", "Run", "Slots", "Stop", "ToParent",
@@ -42,7 +46,8 @@ class ReplicaSpec:
     cache_dir: str | None = None  # converted models; None: convert at every start
     log_level: str = "info"
     log_format: str = "text"
-    skip_modes: tuple[str, ...] = ()  # modes ("openvino/bf16") that killed a worker while it started them
+    labels_file: str | None = None  # the served class names (None: ImageNet-1k's): the golden record names them
+    skip_modes: tuple[str, ...] = ()  # modes ("openvino/bf16") that killed a worker or failed its self-test
     abort_modes: tuple[str, ...] = ()  # test only: os.abort() on trying these (CROSSVIT_TEST_ABORT_MODES)
 
 
@@ -133,9 +138,11 @@ class Trying:
 
 @dataclass(frozen=True)
 class Ready:
-    """Started: `info` is what /v1/models and the log show (backend, mode, guard figures, timings)."""
+    """Started: `info` is what /v1/models and the log show (backend, mode, guard figures, timings);
+    `golden` the reference answers the parent's self-test checks this worker's served ones against."""
 
     info: dict[str, Any]
+    golden: GoldenRecord
 
 
 @dataclass(frozen=True)

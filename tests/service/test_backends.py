@@ -19,8 +19,9 @@ from service.settings import Settings
 from service.worker.backends import Built, build_openvino, cache_key, resolve_backend
 from service.worker.backends.openvino_prepare import prepare_openvino
 from service.worker.backends.openvino_runtime import modes_for
-from service.worker.backends.prepared import NOT_CACHED
+from service.worker.backends.prepared import NOT_CACHED, PREPARED_FORMAT
 from service.worker.backends.pytorch_runtime import build_torch, reference_probe
+from weights.labels import imagenet_labels
 
 VARIANT = "crossvit_tiny_240"
 
@@ -42,7 +43,7 @@ def _openvino(
     variant: str = VARIANT,
 ) -> tuple[Built, dict[str, Any]]:
     folder, source = prepare_openvino(model, cache_dir, variant=variant, sha256="0" * 64, source="random",
-                                      pretrained=False)
+                                      pretrained=False, labels=imagenet_labels())
     try:
         built, info = build_openvino(folder, precision=precision, threads=threads)
     finally:
@@ -112,7 +113,7 @@ def test_every_thread_count_computes_the_same() -> None:
 def _convert_in_child(cache_dir: str, queue: multiprocessing.Queue[str]) -> None:
     torch.manual_seed(0)
     _, source = prepare_openvino(create_model(VARIANT), Path(cache_dir), variant=VARIANT, sha256="0" * 64,
-                                 source="random", pretrained=False)
+                                 source="random", pretrained=False, labels=imagenet_labels())
     queue.put(source)
 
 
@@ -160,7 +161,8 @@ def test_an_unwritable_cache_still_serves(tmp_path: Path) -> None:
 
 def test_cache_key_names_what_determines_the_model() -> None:
     a, b = cache_key("crossvit_9_dagger_240", "a" * 64), cache_key("crossvit_9_dagger_240", "b" * 64)
-    assert a != b and a.startswith("crossvit_9_dagger_240-aaaaaaaaaaaaaaaa-ov20") and a.endswith("-p3")
+    assert a != b and a.startswith("crossvit_9_dagger_240-aaaaaaaaaaaaaaaa-ov20")
+    assert a.endswith(f"-p{PREPARED_FORMAT}")
 
 
 @pytest.mark.parametrize(("setting", "device", "precision", "expected"), [

@@ -24,6 +24,7 @@ from service.worker.backends.openvino_runtime import modes_for
 from service.worker.backends.pytorch_runtime import build_torch, reference_probe
 from tests.conftest import TEST_VARIANT, Reference, run_server
 from tests.photos import encode, photo
+from weights.labels import imagenet_labels
 
 
 class _Skips:
@@ -86,7 +87,7 @@ def test_build_functions_ask_the_gate_before_each_mode(tmp_path: Path) -> None:
         build_torch(model, "fp32", torch.device("cpu"), probe, _Skips("torch/fp32"))
     gate = _Skips("openvino/bf16")
     folder, _ = prepare_openvino(model, tmp_path, variant=TEST_VARIANT, sha256="0" * 64, source="random",
-                                 pretrained=False)
+                                 pretrained=False, labels=imagenet_labels())
     built, _ = build_openvino(folder, precision="auto", threads=[1], gate=gate)
     assert built.backend.mode == "fp32" and gate.tried == ["openvino/fp32"]
     with pytest.raises(RuntimeError, match="every OpenVINO mode"):

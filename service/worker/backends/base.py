@@ -8,9 +8,12 @@ is only served after it has been compared with PyTorch fp32 on the same weights 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ...golden import GoldenRecord
 
 __all__ = [
     "EXACT_COSINE",
@@ -140,3 +143,4 @@ class Built:
     backend: Backend
     requested: str
     rejected: list[tuple[str, Agreement]] = field(default_factory=list)
+    golden: GoldenRecord | None = None  # the reference answers recorded with the prepared model, if any

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from model import CrossViT
 
 from .openvino_runtime import openvino
 from .prepared import NOT_CACHED, PreparedMeta, cache_key, is_complete, locked, openvino_version, write_arrays
-from .pytorch_runtime import reference_probe
+from .pytorch_runtime import reference_golden, reference_probe
 
 __all__ = ["convert", "head_arrays", "prepare_openvino"]
 
@@ -83,18 +84,20 @@ def head_arrays(model: CrossViT) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(h.weight.detach().float().numpy(), h.bias.detach().float().numpy()) for h in linear]
 
 
-def _write(model: CrossViT, folder: Path, meta: PreparedMeta) -> None:
+def _write(model: CrossViT, folder: Path, labels: Sequence[str], meta: PreparedMeta) -> None:
     # compress_to_fp16=False: the default would halve the weights' precision on disk.
     openvino().save_model(convert(model), folder / "model.xml", compress_to_fp16=False)
-    write_arrays(folder, head_arrays(model), reference_probe(model), meta)
+    golden = reference_golden(model, meta.variant, labels, recorded="preparation (PyTorch fp32)")
+    write_arrays(folder, head_arrays(model), reference_probe(model), golden, meta)
 
 
 def prepare_openvino(
-    model: CrossViT, cache_dir: Path | None, *, variant: str, sha256: str, source: str, pretrained: bool
+    model: CrossViT, cache_dir: Path | None, *, variant: str, sha256: str, source: str, pretrained: bool,
+    labels: Sequence[str],
 ) -> tuple[Path, str]:
-    """The prepared folder for `model` and how it came to be: "cache" (already there), "prepared", or
-    "prepared, not cached" (no usable cache folder: a temporary one, which the caller removes once the
-    model is read: a worker killed later must not leave it behind)."""
+    """The prepared folder for `model` (its golden record names classes with `labels`) and how it came to
+    be: "cache" (already there), "prepared", or "prepared, not cached" (no usable cache folder: a temporary
+    one, which the caller removes once the model is read: a worker killed later must not leave it behind)."""
     meta = PreparedMeta(variant=variant, sha256=sha256, source=source, pretrained=pretrained,
                         parameters=sum(p.numel() for p in model.parameters()), openvino=openvino_version())
     if cache_dir is not None:
@@ -109,7 +112,7 @@ def prepare_openvino(
                     return target, "cache"
                 scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
                 try:
-                    _write(model, scratch, meta)
+                    _write(model, scratch, labels, meta)
                     scratch.chmod(0o755)  # mkdtemp's 0700 would hide a folder prepared by root from the server's user
                     os.replace(scratch, target)  # atomic: a reader sees the whole folder or none
                 finally:
@@ -120,7 +123,7 @@ def prepare_openvino(
                            extra={"cache_dir": str(cache_dir), "error": str(exc)})
     scratch = Path(tempfile.mkdtemp(prefix="crossvit-prepared-"))
     try:
-        _write(model, scratch, meta)
+        _write(model, scratch, labels, meta)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .base import Agreement, Built, ModeGate, OpenGate, mode_key
-from .prepared import load_heads, load_probe, locked, read_meta
+from .prepared import load_golden, load_heads, load_probe, locked, read_meta
 
 __all__ = [
     "OpenVINOBackend",
@@ -125,7 +125,8 @@ def build_openvino(
     modes = modes_for(precision)
     allowed = [mode for mode in modes if gate.allowed(mode_key("openvino", mode))]
     if not allowed:
-        raise RuntimeError(f"every OpenVINO mode of precision {precision} crashed a worker while starting: "
+        raise RuntimeError(f"every OpenVINO mode of precision {precision} was skipped (it crashed a worker while "
+                           "starting, or failed the self-test; /v1/models skipped_modes says which): "
                            + ", ".join(modes))
     ov = openvino()
     started = time.perf_counter()
@@ -153,7 +154,7 @@ def build_openvino(
             backend.agreement = agreement
             info = {"read_s": round(read_s, 3), "openvino": ov.get_version(),
                     "prepared": read_meta(folder).sha256[:16]}
-            return Built(backend, modes[0], rejected), info
+            return Built(backend, modes[0], rejected, load_golden(folder)), info
         rejected.append((mode, agreement))
     raise RuntimeError(
         "no OpenVINO mode matches PyTorch fp32 closely enough: "

@@ -8,6 +8,8 @@ determines its contents (variant, checkpoint sha256, OpenVINO version, this form
     heads.npz              both classifier heads (w0, b0, w1, b1), run in numpy fp32 after the graph
     probe.npz              the probe batch and PyTorch fp32's logits for it (base.Probe): the yardstick
                            every mode is checked against, so a worker without torch still guards bf16
+    golden.npz             PyTorch fp32's answers for the golden images through the real preprocessing,
+                           with the class names of the label list used (service/golden): the self-test's record
     prepared.json          variant, checkpoint sha256, where the weights came from, parameter count
 
 The heads stay outside the graph: a bf16 compile hint would round every logit to 8 significant bits.
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...golden import GoldenRecord
 from .base import Probe
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "cache_key",
     "find_prepared",
     "is_complete",
+    "load_golden",
     "load_heads",
     "locked",
     "load_probe",
@@ -48,9 +52,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PREPARED_FORMAT = 3  # bump when what preparation writes changes
+PREPARED_FORMAT = 4  # bump when what preparation writes changes
 NOT_CACHED = "prepared, not cached"  # a temporary folder (no usable cache): its reader removes it
-FILES = ("model.xml", "model.bin", "heads.npz", "probe.npz", "prepared.json")
+FILES = ("model.xml", "model.bin", "heads.npz", "probe.npz", "golden.npz", "prepared.json")
 PREPARE_HINT = (
     "run `crossvit-serve --prepare-only` with the same CROSSVIT_MODEL, weights and CROSSVIT_CACHE_DIR where "
     "torch is installed (pip install 'crossvit-serve[torch]', or the image's cpu-full target), then start again"
@@ -133,14 +137,21 @@ def load_heads(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(arrays[f"w{i}"].astype(np.float32), arrays[f"b{i}"].astype(np.float32)) for i in range(2)]
 
 
+def load_golden(folder: Path) -> GoldenRecord:
+    return GoldenRecord.load(folder / "golden.npz")
+
+
 def load_probe(folder: Path) -> Probe:
     with np.load(folder / "probe.npz") as arrays:
         return Probe(arrays["x"].astype(np.float32), arrays["reference"].astype(np.float32))
 
 
-def write_arrays(folder: Path, heads: list[tuple[np.ndarray, np.ndarray]], probe: Probe, meta: PreparedMeta) -> None:
+def write_arrays(
+    folder: Path, heads: list[tuple[np.ndarray, np.ndarray]], probe: Probe, golden: GoldenRecord, meta: PreparedMeta
+) -> None:
     """Everything but the graph, which OpenVINO itself saves beside it."""
     (w0, b0), (w1, b1) = heads
     np.savez(folder / "heads.npz", w0=w0, b0=b0, w1=w1, b1=b1)
     np.savez(folder / "probe.npz", x=probe.x, reference=probe.reference)
+    golden.save(folder / "golden.npz")
     (folder / "prepared.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")

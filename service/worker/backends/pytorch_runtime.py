@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from model import CrossViT
 from model.runtime import Mode, Runner, bf16_is_fast, prepare
+from model.variants import get_variant
 
+from ...golden import GoldenRecord, record_golden
+from ...imaging.preprocess import InputSpec
 from .base import (
     PROBE_IMAGES,
     PROBE_SEED,
@@ -22,7 +26,7 @@ from .base import (
     mode_key,
 )
 
-__all__ = ["TorchBackend", "build_torch", "choose_mode", "reference_probe"]
+__all__ = ["TorchBackend", "build_torch", "choose_mode", "reference_golden", "reference_probe"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,16 @@ def reference_probe(model: CrossViT) -> Probe:
     return Probe(x.numpy(), reference.numpy())
 
 
+def reference_golden(model: CrossViT, variant: str, labels: Sequence[str], *, recorded: str) -> GoldenRecord:
+    """PyTorch fp32's answers for the golden images (the self-test's record), on the CPU."""
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.stack(model.eval().branch_logits(torch.from_numpy(x)), dim=1).float().numpy()
+
+    return record_golden(forward, InputSpec.from_variant(get_variant(variant)), labels, recorded=recorded)
+
+
 def build_torch(
     model: CrossViT, precision: str, device: torch.device, probe: Probe, gate: ModeGate | None = None
 ) -> Built:
@@ -87,7 +101,8 @@ def build_torch(
     requested = choose_mode(precision, device)
     first = requested if gate.allowed(mode_key("torch", requested.value)) else Mode.FP32
     if not gate.allowed(mode_key("torch", Mode.FP32.value)) and first is Mode.FP32:
-        raise RuntimeError("PyTorch fp32, the last mode there is, crashed a worker while starting")
+        raise RuntimeError("PyTorch fp32, the last mode there is, was skipped (it crashed a worker while starting, "
+                           "or failed the self-test; /v1/models skipped_modes says which)")
     gate.trying(mode_key("torch", first.value))
     runner = prepare(model, first, device)
     backend = TorchBackend(runner, Agreement(1.0, 0.0))
