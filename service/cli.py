@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                              "for image builds and init containers")
     parser.add_argument("--self-test", action="store_true",
                         help="ask the server running with these settings (HOST, PORT, API_KEYS) to run its self-test "
-                             "on the golden images now; prints the report; exit 0 passed, 1 failed, 2 no answer")
+                             "on the golden images now; prints the report; exit 0 passed, 1 failed, 2 not run "
+                             "(no answer, or refused: a wrong key, no worker ready)")
     return parser
 
 
@@ -113,7 +114,7 @@ def self_test(settings: Settings) -> int:
     url = f"http://{host}:{settings.port}/v1/admin/self-test"
     headers = {"Authorization": f"Bearer {settings.api_keys[0].get_secret_value()}"} if settings.api_keys else {}
     try:
-        response = httpx.post(url, headers=headers, timeout=120)
+        response = httpx.post(url, headers=headers, timeout=600)  # up to 30 s per busy worker
     except httpx.HTTPError as exc:
         sys.stderr.write(f"no answer from {url}: {exc}\n")
         return 2

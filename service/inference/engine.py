@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 30
 GOLDEN_MAX_PIXELS = 1_000_000
+CALIBRATION_WAIT_S = 30.0
 T = TypeVar("T")
 
 
@@ -188,9 +189,12 @@ class Engine:
             await engine._close(stop_timeout_s)
 
     async def _calibrate(self, target_ms: float) -> None:
-        """Once every worker is ready (or the start timeout passed), time each batch size and take the limits."""
+        """Once every worker is ready, time each batch size and take the limits. A worker that keeps failing
+        to start holds the others back CALIBRATION_WAIT_S past the first ready one, at most."""
         deadline = time.monotonic() + self._config.watchdog.start_timeout_s
         while self._pool.ready_count < len(self._config.replicas) and time.monotonic() < deadline:
+            if self._pool.ready_count:
+                deadline = min(deadline, time.monotonic() + CALIBRATION_WAIT_S)
             await asyncio.sleep(0.1)
         if self._pool.ready_count == 0:
             logger.warning("no worker ready to calibrate on; keeping the configured batch limits")
@@ -212,6 +216,9 @@ class Engine:
         else:
             self._batcher.set_limits(result.max_batch_size, result.max_batch_delay_ms / 1000)
             self._calibration = result
+            if result.predicted_ms > target_ms:
+                logger.warning("no batch size keeps the p99 target on this hardware; serving batches of 1",
+                               extra={"target_p99_ms": target_ms, "predicted_ms": result.predicted_ms})
             logger.info("batch limits calibrated", extra={
                 "target_p99_ms": target_ms, "max_batch_size": result.max_batch_size,
                 "max_batch_delay_ms": result.max_batch_delay_ms, "predicted_ms": result.predicted_ms,

@@ -101,7 +101,8 @@ class _Worker:
     ping_sent_at: float | None = None  # an unanswered ping to the idle worker
     trying: str | None = None  # the compute mode it is starting ("openvino/bf16"), until ready or fatal
     golden: GoldenRecord | None = None  # its reference answers, from its Ready
-    checking: asyncio.Task[None] | None = None  # the self-test running on it
+    reserved: bool = False  # an on-demand self-test waits for its next free slot: no new batches meanwhile
+    checking: asyncio.Task[dict[str, Any]] | None = None  # the self-test running on it
 
 
 class WorkerPool:
@@ -156,15 +157,16 @@ class WorkerPool:
         now = time.monotonic()
         return any(
             w.state is WorkerState.READY
-            or (w.state in (WorkerState.STARTING, WorkerState.DEAD) and w.back_by is not None and now < w.back_by)
+            or (w.state in (WorkerState.STARTING, WorkerState.CHECKING, WorkerState.DEAD) and w.back_by is not None
+                and now < w.back_by)
             for w in self._workers
         )
 
     def has_capacity(self) -> bool:
-        return any(w.state is WorkerState.READY and w.free_slots for w in self._workers)
+        return any(w.state is WorkerState.READY and w.free_slots and not w.reserved for w in self._workers)
 
     def has_idle(self) -> bool:
-        return any(w.state is WorkerState.READY and not w.in_flight for w in self._workers)
+        return any(w.state is WorkerState.READY and not w.in_flight and not w.reserved for w in self._workers)
 
     def skipped_modes(self) -> list[dict[str, str]]:
         """Modes that killed a worker while it started them, or failed the self-test: every later start skips them."""
@@ -262,7 +264,7 @@ class WorkerPool:
     # -- dispatch -----------------------------------------------------------------------------
     def submit(self, batch: list[Pending]) -> None:
         """Copy the batch into a free slot of the least busy ready worker and start it."""
-        candidates = [w for w in self._workers if w.state is WorkerState.READY and w.free_slots]
+        candidates = [w for w in self._workers if w.state is WorkerState.READY and w.free_slots and not w.reserved]
         if not candidates:
             self._requeue(batch)
             return
@@ -422,37 +424,42 @@ class WorkerPool:
         result; a worker that fails is taken out of service as at start."""
         results = []
         for worker in [w for w in self._workers if w.state is WorkerState.READY]:
-            try:  # a slot of a worker under load frees within a batch or two
-                await asyncio.wait_for(self._run_self_test(worker), ON_DEMAND_TIMEOUT_S)
+            mode = mode_key(worker.info.get("backend", "?"), worker.info.get("mode", "?"))
+            try:  # its batches in flight finish first (it takes no new ones meanwhile)
+                verdict = await asyncio.wait_for(self._run_self_test(worker), ON_DEMAND_TIMEOUT_S)
             except asyncio.TimeoutError:
-                results.append({"id": worker.spec.worker_id, "state": worker.state.value, "passed": False,
-                                "reason": f"no answer within {ON_DEMAND_TIMEOUT_S:g} s (the worker is busy or stuck)"})
-                continue
-            results.append({"id": worker.spec.worker_id, "state": worker.state.value,
-                            "mode": mode_key(worker.info.get("backend", "?"), worker.info.get("mode", "?")),
-                            **worker.info.get("self_test", {})})
+                verdict = {"passed": False, "reason": f"no answer within {ON_DEMAND_TIMEOUT_S:g} s (stuck?)"}
+            results.append({"id": worker.spec.worker_id, "mode": mode, **verdict, "state": worker.state.value})
         return results
 
-    async def _run_self_test(self, worker: _Worker) -> None:
+    async def _run_self_test(self, worker: _Worker) -> dict[str, Any]:
+        """Check the worker's served answers; admit it (at start), or take it out (its mode skipped by every
+        later start, unless the fault is the label list, which no other mode would mend). The verdict."""
         process, record = worker.process, worker.golden
         key = mode_key(worker.info.get("backend", "?"), worker.info.get("mode", "?"))
         assert record is not None
         try:
-            result, seconds = await self._self_test.run(record, worker.info.get("mode", "?"),
+            result, seconds = await self._self_test.run(record, worker.info.get("mode", "?"), worker.spec.device,
                                                         lambda pixels: self._infer_on(worker, process, pixels))
-        except WorkerFailedError:
-            return  # it died meanwhile: its exit is handled (and its next start checked) already
+        except WorkerFailedError as exc:  # it died, or failed the batch (out of device memory)
+            self._metrics.self_tests.labels("failed").inc()
+            if worker.process is process and worker.conn is not None:  # alive: restart it, or it would stay here
+                self._refuse(worker, key, f"the self-test batch failed: {exc}", skip=False)
+            return {"passed": False, "reason": f"the worker failed during the self-test: {exc}"}
         except Exception as exc:  # noqa: BLE001 - any reason the check cannot run refuses the mode, said why
             self._metrics.self_tests.labels("failed").inc()
-            self._refuse(worker, key, f"the self-test could not run: {type(exc).__name__}: {exc}")
-            return
+            reason = f"the self-test could not run: {type(exc).__name__}: {exc}"
+            if worker.process is process:
+                self._refuse(worker, key, reason)
+            return {"passed": False, "reason": reason}
+        verdict = {**result.summary(), "seconds": round(seconds, 3)}
         if worker.process is not process:
-            return
-        worker.info["self_test"] = {**result.summary(), "seconds": round(seconds, 3)}
+            return verdict
+        worker.info["self_test"] = verdict
         self._metrics.self_tests.labels("passed" if result.passed else "failed").inc()
         if not result.passed:
-            self._refuse(worker, key, f"self-test failed: {result.reason()}")
-            return
+            self._refuse(worker, key, f"self-test failed: {result.reason()}", skip=not result.labels_differ)
+            return verdict
         logger.info("self-test passed", extra={"worker": worker.spec.worker_id, "mode": key,
                                                "worst_cosine": result.worst_cosine,
                                                "worst_rel_err": f"{result.worst_rel_err:.2e}",
@@ -461,14 +468,19 @@ class WorkerPool:
         if worker.state is WorkerState.CHECKING:
             self._admit(worker)
             self._wake()
+        return verdict
 
     async def _infer_on(self, worker: _Worker, process: BaseProcess | None, pixels: np.ndarray) -> np.ndarray:
         """`pixels` run on this worker's `process` alone, a batch at a time, as internal items."""
         assert self._loop is not None
         outputs: list[np.ndarray] = []
         for start in range(0, len(pixels), worker.spec.max_batch_size):
-            while not worker.free_slots and worker.process is process and worker.conn is not None:
-                await asyncio.sleep(0.005)  # a serving worker's slots may both be busy
+            worker.reserved = True  # a serving worker's slots may both be busy: the next one to free is ours
+            try:
+                while not worker.free_slots and worker.process is process and worker.conn is not None:
+                    await asyncio.sleep(0.002)
+            finally:
+                worker.reserved = False
             if (worker.process is not process or worker.conn is None
                     or worker.state not in (WorkerState.READY, WorkerState.CHECKING)):
                 raise WorkerFailedError("the worker left service during the self-test")
@@ -485,14 +497,18 @@ class WorkerPool:
         await asyncio.gather(*(self._infer_on(w, w.process, pixels) for w in workers))
         return len(workers)
 
-    def _refuse(self, worker: _Worker, key: str, reason: str) -> None:
-        """The mode answers wrongly on this machine: no worker serves it from now on (this one restarts
-        into the next mode; with none left, it reports that and stays out of service)."""
-        self._skipped_modes.setdefault(key, reason)
+    def _refuse(self, worker: _Worker, key: str, reason: str, *, skip: bool = True) -> None:
+        """Out of service now, and restarted with backoff. `skip`: the mode answers wrongly on this machine, so
+        no worker serves it from now on (this one restarts into the next mode; with none left, it says so)."""
         worker.last_error = f"{key}: {reason}"
-        logger.error("a worker's mode failed the self-test; every later start skips it",
-                     extra={"worker": worker.spec.worker_id, "mode": key, "reason": reason,
-                            "skipped_modes": ",".join(self._skipped_modes)})
+        if skip:
+            self._skipped_modes.setdefault(key, reason)
+            logger.error("a worker's mode failed the self-test; every later start skips it",
+                         extra={"worker": worker.spec.worker_id, "mode": key, "reason": reason,
+                                "skipped_modes": ",".join(self._skipped_modes)})
+        else:
+            logger.error("a worker failed the self-test; restarting it", extra={"worker": worker.spec.worker_id,
+                                                                               "mode": key, "reason": reason})
         worker.state, worker.trying = WorkerState.DEAD, None  # out of service now; its exit restarts it
         assert worker.process is not None
         worker.process.kill()

@@ -28,7 +28,7 @@ class SelfTest:
         self._decode = decode
         self._labels = labels
 
-    async def run(self, record: GoldenRecord, mode: str, infer: Infer) -> tuple[SelfTestResult, float]:
+    async def run(self, record: GoldenRecord, mode: str, device: str, infer: Infer) -> tuple[SelfTestResult, float]:
         """The verdict for a worker serving `mode`, and the seconds it took (decode included)."""
         started = time.perf_counter()
         images = {image.name: image.data for image in golden_images()}
@@ -39,7 +39,7 @@ class SelfTest:
         decode = functools.partial(_decode_all, self._decode, [images[name] for name in record.images])
         pixels = await asyncio.to_thread(decode)
         served = await infer(pixels)
-        result = compare(record, served, self._labels, tolerance_for(mode))
+        result = compare(record, served, self._labels, tolerance_for(mode, device))
         return result, time.perf_counter() - started
 
 

@@ -13,13 +13,23 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from service.golden import EXACT, REDUCED, GoldenRecord, compare, golden_images, golden_pixels, record_golden
+from service.golden import (
+    EXACT,
+    REDUCED,
+    GoldenRecord,
+    compare,
+    golden_images,
+    golden_pixels,
+    record_golden,
+    tolerance_for,
+)
 from service.golden.record import top_k
 from service.imaging.preprocess import InputSpec
 from service.inference.assembly import prepare
@@ -145,6 +155,13 @@ def test_on_demand_behind_the_api_key_and_from_the_cli(limited: str) -> None:
     report = response.json()
     assert report["passed"] is True and [w["id"] for w in report["workers"]] == [0]
     assert report["workers"][0]["state"] == "ready"
+    with ThreadPoolExecutor(4) as pool:  # the check waits for a free slot of a busy worker, then runs
+        jobs = [pool.submit(_classify_twice, limited) for _ in range(4)]
+        under_load = httpx.post(f"{limited}/v1/admin/self-test", timeout=60,
+                                headers={"Authorization": f"Bearer {LIMITED_API_KEY}"})
+        statuses = [status for job in jobs for status in job.result()]
+    assert under_load.status_code == 200 and under_load.json()["passed"] is True, under_load.text
+    assert statuses == [200] * 8
     env = {k: v for k, v in os.environ.items() if not k.startswith("CROSSVIT_")}
     env.update({"CROSSVIT_PORT": limited.rsplit(":", 1)[1], "CROSSVIT_API_KEYS": LIMITED_API_KEY})
     cli = subprocess.run([sys.executable, "-m", "service.cli", "--self-test"], env=env, capture_output=True,
@@ -158,6 +175,14 @@ def test_on_demand_behind_the_api_key_and_from_the_cli(limited: str) -> None:
 
 
 # -- served: starts that must stay unready -------------------------------------------------------------
+
+def _classify_twice(url: str) -> list[int]:
+    from tests.photos import encode, photo
+
+    files = [("images", ("chelsea.jpg", encode(photo("chelsea"), "JPEG"), "image/jpeg"))]
+    headers = {"Authorization": f"Bearer {LIMITED_API_KEY}"}
+    return [httpx.post(f"{url}/v1/classify", files=files, headers=headers, timeout=60).status_code for _ in range(2)]
+
 
 def _stays_unready(url: str, *expected: str) -> str:
     """Wait for /readyz to name one of `expected` in its reason; it stays 503. Returns the reason."""
@@ -246,3 +271,24 @@ def _first_top1(reference: Reference) -> int:
 def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in [k for k in os.environ if k.startswith("CROSSVIT_")]:
         monkeypatch.delenv(key)
+
+
+def test_a_nan_fails_however_close_the_rest() -> None:
+    record = _record()
+    served = record.logits.copy()
+    served[1, 0, 3] = np.nan
+    result = compare(record, served, LABELS, REDUCED)
+    assert not result.passed and "1 logits are not finite" in result.reason()
+
+
+def test_a_label_fault_is_told_apart_from_a_numeric_one() -> None:
+    """A mode is skipped for wrong numbers; wrong names are no fault of a mode (another would not mend them)."""
+    record = _record()
+    assert not compare(record, record.logits + 1.0, LABELS, EXACT).labels_differ
+    assert compare(record, record.logits, list(reversed(LABELS)), EXACT).labels_differ
+
+
+def test_gpu_fp32_is_held_to_the_reduced_tolerance() -> None:
+    assert tolerance_for("fp32", "cpu") is EXACT
+    assert tolerance_for("fp32", "cuda:0") is REDUCED  # TF32 convolutions
+    assert tolerance_for("bf16", "cpu") is REDUCED
