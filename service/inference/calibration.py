@@ -14,16 +14,35 @@ bounds that; the calibration reports the throughput to set it by.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["HEADROOM", "BatchTiming", "Calibration", "calibrate", "choose"]
+import numpy as np
+
+from ..golden import golden_pixels
+from ..imaging.preprocess import InputSpec
+
+__all__ = ["HEADROOM", "BatchTiming", "Calibration", "calibrate", "calibrate_pool", "choose"]
+
+logger = logging.getLogger(__name__)
 
 HEADROOM = 0.8  # of the target the model's worst case may use: p99 sees scheduling noise the model does not
 ROUNDS = 3  # timed rounds per batch size, after one untimed
+WAIT_AFTER_FIRST_S = 30.0  # a worker that keeps failing to start holds the ready ones back this long, at most
+
+
+class Workers(Protocol):
+    """What calibrating needs of the worker pool."""
+
+    @property
+    def ready_count(self) -> int: ...
+
+    async def run_everywhere(self, pixels: np.ndarray) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -74,3 +93,34 @@ async def calibrate(run_everywhere: Callable[[int], Awaitable[int]], max_batch: 
     best, delay, predicted = choose(timings, target_ms)
     return Calibration(target_ms, best.batch, delay, predicted, best.images_per_s, tuple(timings),
                        round(time.perf_counter() - started, 2))
+
+
+async def calibrate_pool(pool: Workers, spec: InputSpec, max_batch: int, target_ms: float, *, workers: int,
+                         start_timeout_s: float) -> Calibration | None:
+    """Wait for the pool's `workers` (at most WAIT_AFTER_FIRST_S past the first ready one), then calibrate on
+    the golden images; None (and the hand-set limits stay) when no worker came up."""
+    deadline = time.monotonic() + start_timeout_s
+    while pool.ready_count < workers and time.monotonic() < deadline:
+        if pool.ready_count:
+            deadline = min(deadline, time.monotonic() + WAIT_AFTER_FIRST_S)
+        await asyncio.sleep(0.1)
+    if pool.ready_count == 0:
+        logger.warning("no worker ready to calibrate on; keeping the configured batch limits")
+        return None
+    logger.info("calibrating the batch limits", extra={"target_p99_ms": target_ms, "workers": pool.ready_count})
+    golden = await asyncio.to_thread(golden_pixels, spec)
+    pixels = np.concatenate([golden] * -(-max_batch // len(golden)))  # any pixels time the same: real ones
+
+    async def run_everywhere(batch: int) -> int:
+        return await pool.run_everywhere(pixels[:batch])
+
+    result = await calibrate(run_everywhere, max_batch, target_ms)
+    logger.info("batch limits calibrated", extra={
+        "target_p99_ms": target_ms, "max_batch_size": result.max_batch_size,
+        "max_batch_delay_ms": result.max_batch_delay_ms, "predicted_ms": result.predicted_ms,
+        "images_per_s": result.images_per_s, "calibration_s": result.seconds,
+        "batch_ms": ",".join(f"{t.batch}:{t.round_ms}" for t in result.timings)})
+    if result.predicted_ms > target_ms:
+        logger.warning("no batch size keeps the p99 target on this hardware; serving batches of 1",
+                       extra={"target_p99_ms": target_ms, "predicted_ms": result.predicted_ms})
+    return result

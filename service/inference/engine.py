@@ -23,13 +23,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import DeadlineExceededError, NotReadyError, OverloadedError
-from ..golden import golden_pixels
 from ..imaging.preprocess import DecodeCancelled, InputSpec, Preprocessed, preprocess
 from ..metrics import Metrics
 from ..worker.protocol import ReplicaSpec
 from .agreement import Agreement, branch_agreement, log_softmax
 from .batcher import Batcher, ImageQueue
-from .calibration import Calibration, calibrate
+from .calibration import Calibration, calibrate_pool
 from .items import Pending
 from .pool import WorkerPool
 from .selftest import SelfTest
@@ -41,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 30
 GOLDEN_MAX_PIXELS = 1_000_000
-CALIBRATION_WAIT_S = 30.0
 T = TypeVar("T")
 
 
@@ -189,43 +187,17 @@ class Engine:
             await engine._close(stop_timeout_s)
 
     async def _calibrate(self, target_ms: float) -> None:
-        """Once every worker is ready, time each batch size and take the limits. A worker that keeps failing
-        to start holds the others back CALIBRATION_WAIT_S past the first ready one, at most."""
-        deadline = time.monotonic() + self._config.watchdog.start_timeout_s
-        while self._pool.ready_count < len(self._config.replicas) and time.monotonic() < deadline:
-            if self._pool.ready_count:
-                deadline = min(deadline, time.monotonic() + CALIBRATION_WAIT_S)
-            await asyncio.sleep(0.1)
-        if self._pool.ready_count == 0:
-            logger.warning("no worker ready to calibrate on; keeping the configured batch limits")
-            self._calibrating = None
-            return
-        logger.info("calibrating the batch limits", extra={"target_p99_ms": target_ms,
-                                                          "workers": self._pool.ready_count})
-        golden = await asyncio.to_thread(golden_pixels, self._config.input_spec)
-        repeats = -(-self._config.max_batch_size // len(golden))
-        pixels = np.concatenate([golden] * repeats)
-
-        async def run_everywhere(batch: int) -> int:
-            return await self._pool.run_everywhere(pixels[:batch])
-
         try:
-            result = await calibrate(run_everywhere, self._config.max_batch_size, target_ms)
+            result = await calibrate_pool(self._pool, self._config.input_spec, self._config.max_batch_size, target_ms,
+                                          workers=len(self._config.replicas),
+                                          start_timeout_s=self._config.watchdog.start_timeout_s)
         except Exception:  # the hand-set limits stay; the service must not stay unready over it
             logger.exception("calibration failed; keeping the configured batch limits")
-        else:
+            result = None
+        if result is not None:
             self._batcher.set_limits(result.max_batch_size, result.max_batch_delay_ms / 1000)
             self._calibration = result
-            if result.predicted_ms > target_ms:
-                logger.warning("no batch size keeps the p99 target on this hardware; serving batches of 1",
-                               extra={"target_p99_ms": target_ms, "predicted_ms": result.predicted_ms})
-            logger.info("batch limits calibrated", extra={
-                "target_p99_ms": target_ms, "max_batch_size": result.max_batch_size,
-                "max_batch_delay_ms": result.max_batch_delay_ms, "predicted_ms": result.predicted_ms,
-                "images_per_s": result.images_per_s, "calibration_s": result.seconds,
-                "batch_ms": ",".join(f"{t.batch}:{t.round_ms}" for t in result.timings)})
-        finally:
-            self._calibrating = None
+        self._calibrating = None  # ready from here on
 
     async def _close(self, timeout_s: float) -> None:
         if self._calibrating is not None:

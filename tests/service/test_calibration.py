@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
+import numpy as np
+import pytest
 
-from service.inference.calibration import HEADROOM, BatchTiming, calibrate, choose
-from tests.conftest import Reference, run_server
+from model.variants import get_variant
+from service.imaging.preprocess import InputSpec
+from service.inference import calibration
+from service.inference.calibration import HEADROOM, BatchTiming, calibrate, calibrate_pool, choose
+from tests.conftest import TEST_VARIANT, Reference, run_server
 
 
 def _timings(per_image_ms: float = 25.0, fixed_ms: float = 30.0, workers: int = 2) -> list[BatchTiming]:
@@ -65,3 +71,35 @@ def _jpeg() -> bytes:
     from tests.photos import encode, photo
 
     return encode(photo("chelsea"), "JPEG", quality=90)
+
+
+class _Pool:
+    """Workers that compute a batch in (5 + 2 n) ms; `ready` of them up."""
+
+    def __init__(self, ready: int) -> None:
+        self.ready_count = ready
+        self.shapes: list[tuple[int, ...]] = []
+
+    async def run_everywhere(self, pixels: np.ndarray) -> int:
+        self.shapes.append(pixels.shape)
+        await asyncio.sleep((5 + 2 * len(pixels)) / 1000)
+        return self.ready_count
+
+
+def test_a_pool_with_no_worker_up_keeps_the_hand_set_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = asyncio.run(calibrate_pool(_Pool(0), _spec(), 4, 100, workers=2, start_timeout_s=0.3))
+    assert result is None
+
+
+def test_one_worker_that_never_starts_holds_the_others_back_a_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(calibration, "WAIT_AFTER_FIRST_S", 0.3)
+    pool = _Pool(1)  # of 2
+    started = time.monotonic()
+    result = asyncio.run(calibrate_pool(pool, _spec(), 4, 100, workers=2, start_timeout_s=120))
+    assert result is not None and time.monotonic() - started < 10
+    assert {shape[1:] for shape in pool.shapes} == {(3, 240, 240)}  # golden images, the variant's input
+    assert sorted({shape[0] for shape in pool.shapes}) == [1, 2, 3, 4]
+
+
+def _spec() -> InputSpec:
+    return InputSpec.from_variant(get_variant(TEST_VARIANT))
