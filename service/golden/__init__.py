@@ -3,7 +3,7 @@ comparison that admits a worker's mode. The parent runs the check (service/infer
 the worker side records or loads the reference."""
 
 from .check import EXACT, REDUCED, SelfTestResult, Tolerance, compare, tolerance_for
-from .record import TOP_K, GoldenImage, GoldenRecord, golden_images, golden_pixels, record_golden
+from .record import TOP_K, GoldenImage, GoldenRecord, golden_images, golden_pixels, record_golden, reference_decode
 
 __all__ = [
     "EXACT",
@@ -17,5 +17,6 @@ __all__ = [
     "golden_images",
     "golden_pixels",
     "record_golden",
+    "reference_decode",
     "tolerance_for",
 ]

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..golden import golden_pixels
+from ..golden import golden_pixels, reference_decode
 from ..imaging.preprocess import InputSpec
 
 __all__ = ["HEADROOM", "BatchTiming", "Calibration", "calibrate", "calibrate_pool", "choose"]
@@ -108,7 +108,7 @@ async def calibrate_pool(pool: Workers, spec: InputSpec, max_batch: int, target_
         logger.warning("no worker ready to calibrate on; keeping the configured batch limits")
         return None
     logger.info("calibrating the batch limits", extra={"target_p99_ms": target_ms, "workers": pool.ready_count})
-    golden = await asyncio.to_thread(golden_pixels, spec)
+    golden = await asyncio.to_thread(golden_pixels, reference_decode(spec))
     pixels = np.concatenate([golden] * -(-max_batch // len(golden)))  # any pixels time the same: real ones
 
     async def run_everywhere(batch: int) -> int:

@@ -10,13 +10,12 @@ every worker start, before the worker takes work, and on demand (POST /v1/admin/
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
-from ..golden import GoldenRecord, SelfTestResult, compare, golden_images, tolerance_for
+from ..golden import GoldenRecord, SelfTestResult, compare, golden_images, golden_pixels, tolerance_for
 
 __all__ = ["SelfTest"]
 
@@ -31,17 +30,12 @@ class SelfTest:
     async def run(self, record: GoldenRecord, mode: str, device: str, infer: Infer) -> tuple[SelfTestResult, float]:
         """The verdict for a worker serving `mode`, and the seconds it took (decode included)."""
         started = time.perf_counter()
-        images = {image.name: image.data for image in golden_images()}
-        missing = [name for name in record.images if name not in images]
-        if missing:  # a record from another release's image set: a clear refusal beats a shape mismatch
-            raise ValueError(f"the golden record names images this release does not ship: {', '.join(missing)}; "
-                             "prepare the model again")
-        decode = functools.partial(_decode_all, self._decode, [images[name] for name in record.images])
-        pixels = await asyncio.to_thread(decode)
+        shipped = tuple(image.name for image in golden_images())
+        if record.images != shipped:  # a record from another release's image set: a clear refusal beats a mismatch
+            raise ValueError(f"the golden record holds {', '.join(record.images)}; this release ships "
+                             f"{', '.join(shipped)}: prepare the model again")
+        pixels = await asyncio.to_thread(golden_pixels, self._decode)
         served = await infer(pixels)
         result = compare(record, served, self._labels, tolerance_for(mode, device))
         return result, time.perf_counter() - started
 
-
-def _decode_all(decode: Callable[[bytes], np.ndarray], images: list[bytes]) -> np.ndarray:
-    return np.stack([decode(data) for data in images])

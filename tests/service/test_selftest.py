@@ -28,6 +28,7 @@ from service.golden import (
     golden_images,
     golden_pixels,
     record_golden,
+    reference_decode,
     tolerance_for,
 )
 from service.golden.record import top_k
@@ -57,7 +58,7 @@ def _spec() -> InputSpec:
 def test_the_golden_images_cover_exif_progressive_jpeg_and_png() -> None:
     names = [image.name for image in golden_images()]
     assert names == ["astronaut.png", "chelsea.jpg", "coffee.jpg"]
-    pixels = golden_pixels(_spec())
+    pixels = golden_pixels(reference_decode(_spec()))
     assert pixels.shape == (3, 3, 240, 240) and pixels.dtype == np.float32
     # chelsea is stored rotated with EXIF Orientation 6: decoded upright, like the photo the tests use
     assert b"Exif" in dict((i.name, i.data) for i in golden_images())["chelsea.jpg"][:200]
@@ -261,7 +262,7 @@ def _first_top1(reference: Reference) -> int:
     model = create_model(TEST_VARIANT)
     load_checkpoint(model, reference.checkpoint)
     with torch.inference_mode():
-        logits = model.eval().branch_logits(torch.from_numpy(golden_pixels(_spec())[:1]))[0]
+        logits = model.eval().branch_logits(torch.from_numpy(golden_pixels(reference_decode(_spec()))[:1]))[0]
     top1 = int(logits[0].argmax())
     assert top1 < 999
     return top1
