@@ -40,7 +40,8 @@ def _child(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     model = create_model(args.variant)
-    converted = convert(model)
+    # a model the service prepared (the INT8 one, say), or the random-init model converted here
+    converted = ov.Core().read_model(args.model_xml) if args.model_xml else convert(model)
     compiled = ov.Core().compile_model(
         converted, "CPU", compile_config(args.modes[0], args.threads, streams=args.streams, pinning=args.pinning)
     )
@@ -72,11 +73,12 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def spawn(variant: str, mode: str, *, threads: int, batch: int, seconds: float, streams: int = 1,
-          pinning: bool = False) -> subprocess.Popen[str]:
+          pinning: bool = False, model_xml: Path | None = None) -> subprocess.Popen[str]:
     """One measuring child process (its img/s is the last word it prints)."""
     command = [sys.executable, __file__, "--child", "--variant", variant, "--batch", str(batch),
                "--seconds", str(seconds), "--modes", mode, "--threads", str(threads), "--streams", str(streams)]
     command += ["--pinning"] if pinning else []
+    command += ["--model-xml", str(model_xml)] if model_xml else []
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--streams", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--pinning", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model-xml", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args)

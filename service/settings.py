@@ -9,7 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .worker.backends.base import openvino_conflict  # the rule lives where the worker, which has no settings, reads it
+# the rules live where the worker, which has no settings, reads them
+from .worker.backends.base import int8_conflict, openvino_conflict
 
 __all__ = ["ENV_PREFIX", "Settings", "describe_validation_error", "env_name", "openvino_conflict"]
 
@@ -42,7 +43,14 @@ class Settings(BaseSettings):
         "auto", description="auto: OpenVINO for CPU workers where installed, PyTorch for CUDA"
     )
     cache_dir: Path | None = Field(None, description="converted models; default: <weights_dir>/.cache/models")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto", description="auto: the fastest guarded mode (bf16 where the CPU has it, else fp32); int8 only when "
+                            "asked for: quantised with NNCF on CALIBRATION_DIR and admitted by its guard",
+    )
+    calibration_dir: Path | None = Field(
+        None, description="images INT8 is calibrated on (every third, by name, held out for its guard); default: "
+                          "the package's seven photos, a smoke-test set",
+    )
     workers: int | Literal["auto"] = Field("auto", description="worker processes per device")
     threads_per_worker: int | Literal["auto"] = Field("auto", description="torch threads in each CPU worker")
     preprocess_threads: int | Literal["auto"] = Field("auto", description="threads decoding images")
@@ -177,6 +185,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.backend == "openvino" and (problem := openvino_conflict(self.device, self.precision)):
+            raise ValueError(problem)
+        if self.precision == "int8" and (problem := int8_conflict(self.backend, self.device)):
             raise ValueError(problem)
         if self.max_images_per_request > self.max_queue:
             raise ValueError(

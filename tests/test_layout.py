@@ -7,7 +7,7 @@ resolved, function-level ones included).
   uploads or the parent's inference machinery: what both sides share is service/worker/protocol.py;
 - the imaging (service/imaging/) is pure: nothing of the HTTP face, the uploads, inference or the worker;
 - the self-test's golden images, record and comparison (service/golden/) are read by both sides: besides
-  the imaging, nothing of either;
+  the imaging, nothing of either; the INT8 calibration set and guard (service/quantization/) likewise;
 - inference (the parent's engine, batcher, pool) never imports the HTTP face;
 - of the server, only service/schemas.py imports the client, and only its wire models.
 """
@@ -35,6 +35,9 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
      "the imaging is pure: bytes in, pixels out"),
     (("service.golden",), ("service.api", "service.uploads", "service.inference", "service.worker", "service.app"),
      "the golden record is shared by the worker and the parent: it imports neither"),
+    (("service.quantization",), ("service.api", "service.uploads", "service.inference", "service.worker",
+                                 "service.app"),
+     "the INT8 calibration images and guard are read by the worker's quantisation: nothing of either side"),
     (("service.inference",), ("service.api", "service.app", "service.cli"), "inference knows nothing of HTTP"),
 ]
 

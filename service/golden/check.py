@@ -17,7 +17,7 @@ import numpy as np
 
 from .record import TOP_K, GoldenRecord, top_k
 
-__all__ = ["EXACT", "REDUCED", "SelfTestResult", "Tolerance", "compare", "tolerance_for"]
+__all__ = ["EXACT", "QUANTIZED", "REDUCED", "SelfTestResult", "Tolerance", "compare", "tolerance_for"]
 
 _SHOWN_PROBLEMS = 3
 
@@ -39,9 +39,17 @@ EXACT = Tolerance("exact (fp32)", cosine=0.99999, rel_err=1e-4)
 REDUCED = Tolerance("reduced precision", cosine=0.999, rel_err=0.1)
 
 
+# int8: admitted by its own guard on held-out images (service/quantization/guard.py), whose worst-cosine bound
+# this repeats, so no admitted model fails here; what it still catches is a broken served path (channels
+# swapped: cosine 0.64). Measured int8 on the golden images, crossvit_9_dagger_240: 0.9974, rel err 0.048.
+QUANTIZED = Tolerance("quantized (int8)", cosine=0.9, rel_err=0.5)
+
+
 def tolerance_for(mode: str, device: str = "cpu") -> Tolerance:
     """fp32 on the CPU is exact; on a GPU, PyTorch's fp32 convolutions may run in TF32 (10-bit mantissa),
     so its fp32 is held to the reduced tolerance against the CPU record."""
+    if mode == "int8":
+        return QUANTIZED
     return EXACT if mode == "fp32" and device == "cpu" else REDUCED
 
 

@@ -17,7 +17,7 @@ from weights.labels import load_labels
 
 from ..imaging.preprocess import InputSpec
 from ..settings import Settings
-from ..worker.backends import BackendChoice, NotPreparedError, resolve_backend
+from ..worker.backends import BackendChoice, NotPreparedError, QuantizationRefusedError, resolve_backend
 from ..worker.main import build_backend
 from ..worker.protocol import ReplicaSpec
 from .engine import EngineConfig
@@ -58,6 +58,7 @@ def engine_config(settings: Settings, variant: Variant, weights: LoadedWeights) 
             cache_dir=str(model_cache_dir(settings)) if choice.name == "openvino" else None,
             log_level=settings.log_level, log_format=settings.log_format,
             labels_file=None if settings.labels_file is None else str(settings.labels_file),
+            calibration_dir=None if settings.calibration_dir is None else str(settings.calibration_dir),
             abort_modes=tuple(settings.test_abort_modes),
         )
         replicas.append((spec, choice))
@@ -82,8 +83,8 @@ def engine_config(settings: Settings, variant: Variant, weights: LoadedWeights) 
 
 def prepare(settings: Settings) -> int:
     """Everything a start would do before serving, once, in this process: resolve and verify the
-    weights, prepare the OpenVINO model into CACHE_DIR (needs torch, unless it is there already) and
-    check its mode. Exit status for the CLI."""
+    weights, prepare the OpenVINO model into CACHE_DIR (needs torch, unless it is there already), quantise
+    it for precision int8 (needs NNCF, unless cached) and check its mode. Exit status for the CLI."""
     variant = get_variant(settings.model)
     with tempfile.TemporaryDirectory(prefix="crossvit-") as scratch:
         try:
@@ -110,7 +111,7 @@ def prepare(settings: Settings) -> int:
         blobs_before = compiled.exists()
         try:
             built, details = build_backend(spec)
-        except NotPreparedError as exc:
+        except (NotPreparedError, QuantizationRefusedError) as exc:
             logger.error("cannot prepare: %s", exc)
             return 2
         finally:

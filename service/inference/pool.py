@@ -43,6 +43,8 @@ from .watchdog import InferenceTimes, WatchdogConfig
 __all__ = ["WorkerPool", "WorkerState", "shared_threads"]
 
 logger = logging.getLogger(__name__)
+# What a worker's Ready report shows in /v1/models
+_DESCRIBED = ("backend", "mode", "guard_cosine", "rel_err", "startup_s", "self_test", "quantization")
 
 SLOTS_PER_WORKER = 2  # one batch computing while the next is already staged
 MAX_ATTEMPTS = 2  # a crash allows one retry on another worker
@@ -173,6 +175,7 @@ class WorkerPool:
         return [{"mode": mode, "reason": reason} for mode, reason in self._skipped_modes.items()]
 
     def describe(self) -> list[dict[str, Any]]:
+        """Each worker's state and, once it started, what it reported (its mode, guard, self-test, INT8 verdict)."""
         return [
             {
                 "id": w.spec.worker_id,
@@ -182,8 +185,7 @@ class WorkerPool:
                 "batches_in_flight": len(w.in_flight),
                 "restarts": w.restarts,
                 "last_error": w.last_error,
-                **{k: w.info[k] for k in ("backend", "mode", "guard_cosine", "rel_err", "startup_s", "self_test")
-                   if k in w.info},
+                **{k: w.info[k] for k in _DESCRIBED if k in w.info},
             }
             for w in self._workers
         ]

@@ -14,7 +14,7 @@ import signal
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model.digest import file_sha256
 from model.variants import get_variant
@@ -32,8 +32,11 @@ from .backends import (
     is_complete,
     torch_available,
 )
-from .backends.prepared import NOT_CACHED, PREPARE_HINT
+from .backends.prepared import NOT_CACHED, PREPARE_HINT, QUANTIZED_NOT_CACHED
 from .protocol import Done, Failed, Fatal, Ping, Pong, Ready, ReplicaSpec, Slots, Stop, ToWorker, Trying
+
+if TYPE_CHECKING:
+    from .backends.openvino_quantize import Quantization
 
 __all__ = ["PipeGate", "WeightsChangedError", "build_backend", "main"]
 
@@ -105,13 +108,37 @@ def _build_openvino(spec: ReplicaSpec, gate: ModeGate | None) -> tuple[Built, di
             pretrained=spec.pretrained, labels=_labels(spec),
         )
     prepare_s = time.perf_counter() - started
+    int8: tuple[Path, Quantization] | None = None
+    int8_temporary = False
     try:
+        if spec.precision == "int8":
+            int8, int8_source = _quantized(spec, folder, cached=source != NOT_CACHED)
+            int8_temporary = int8_source == QUANTIZED_NOT_CACHED
         built, info = build_openvino(folder, precision=spec.precision, threads=spec.thread_options, gate=gate,
-                                     compiled_cache=None if cache_dir is None else cache_dir / "compiled")
-    finally:
-        if source == NOT_CACHED:  # read and compiled by now (an unlinked mapping stays valid)
+                                     compiled_cache=None if cache_dir is None else cache_dir / "compiled", int8=int8)
+    finally:  # a temporary folder is read and compiled by now (an unlinked mapping stays valid)
+        if source == NOT_CACHED:
             shutil.rmtree(folder, ignore_errors=True)
-    return built, {"model_source": source, "prepare_s": round(prepare_s, 3), **info}
+        if int8 is not None and int8_temporary:
+            shutil.rmtree(int8[0], ignore_errors=True)
+    extra = {} if int8 is None else {"int8_source": int8_source}
+    return built, {"model_source": source, "prepare_s": round(prepare_s, 3), **extra, **info}
+
+
+def _quantized(spec: ReplicaSpec, prepared: Path, *, cached: bool) -> tuple[tuple[Path, Quantization], str]:
+    """The INT8 model of `prepared` for the spec's calibration set, and where it came from: the cache, or
+    quantised now (NNCF, where installed). Imported here: the other modes' workers need none of it."""
+    from ..imaging.preprocess import InputSpec
+    from ..quantization import calibration_set
+    from .backends.openvino_quantize import quantize_openvino, read_quantization
+
+    try:
+        calibration = calibration_set(None if spec.calibration_dir is None else Path(spec.calibration_dir))
+    except ValueError as exc:
+        raise NotPreparedError(str(exc)) from None
+    folder, source = quantize_openvino(prepared, calibration, InputSpec.from_variant(get_variant(spec.variant)),
+                                       threads=max(spec.thread_options), cached=cached)
+    return (folder, read_quantization(folder)), source
 
 
 def _labels(spec: ReplicaSpec) -> tuple[str, ...]:

@@ -39,7 +39,7 @@ class ReplicaSpec:
     device: str
     backend: str  # torch or openvino (resolved by the parent)
     backend_fallback: bool  # may fall back to torch when the backend cannot start (backend=auto)
-    precision: str  # auto, fp32, bf16, fp16
+    precision: str  # auto, fp32, bf16, fp16, int8
     threads: int
     thread_options: tuple[int, ...]  # every thread count the parent may send with a batch
     max_batch_size: int
@@ -47,6 +47,7 @@ class ReplicaSpec:
     log_level: str = "info"
     log_format: str = "text"
     labels_file: str | None = None  # the served class names (None: ImageNet-1k's): the golden record names them
+    calibration_dir: str | None = None  # int8's calibration images (None: the package's default set)
     skip_modes: tuple[str, ...] = ()  # modes ("openvino/bf16") that killed a worker or failed its self-test
     abort_modes: tuple[str, ...] = ()  # test only: os.abort() on trying these (CROSSVIT_TEST_ABORT_MODES)
 

@@ -1,4 +1,4 @@
-"""Helpers of the engine and supervision tests: metrics, polling, requests, holding workers.
+"""Helpers of the engine, supervision, self-test and INT8 tests: metrics, polling, requests, holding workers.
 
 Holding a batch deterministically: SIGSTOP a worker, send the request, wait until the batch was
 dispatched to it (the `crossvit_batch_size` count), then kill, continue or let the client leave.
@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import httpx
 
+from tests.conftest import until
 from tests.photos import encode, photo, resized
 
 JPEG = encode(resized(photo("chelsea"), 640, 480), "JPEG", quality=90)
@@ -54,3 +55,18 @@ def stopped(pids: list[int]) -> Iterator[None]:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass  # killed in the block
+
+
+def stays_unready(url: str, *expected: str) -> str:
+    """Wait for /readyz to name one of `expected` in its reason; it stays 503. Returns the reason."""
+    reason = ""
+
+    def says() -> bool:
+        nonlocal reason
+        response = httpx.get(f"{url}/readyz", timeout=10)
+        assert response.status_code == 503, "a faulty server must never report ready"
+        reason = response.json()["error"]["message"]
+        return any(text in reason for text in expected)
+
+    until(says, 120, f"/readyz to say one of {expected!r}")
+    return reason

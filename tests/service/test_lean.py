@@ -1,7 +1,7 @@
 """The lean CPU path: `--prepare-only` where torch is, then a server that cannot import torch at all.
 
 The server and its workers run with a `sitecustomize` that makes torch (and timm, safetensors,
-huggingface_hub) unimportable, as in an install without the torch extra; tests/deploy's fresh-venv
+huggingface_hub, NNCF) unimportable, as in an install without the torch and int8 extras; tests/deploy's fresh-venv
 test checks the real base install the same way.
 """
 
@@ -23,7 +23,7 @@ from tests.conftest import Reference, cli_env, start_cli
 from tests.photos import encode, photo
 from tests.service.test_api import _timm_logits
 
-BLOCKED = ("torch", "torchvision", "timm", "safetensors", "huggingface_hub")
+BLOCKED = ("torch", "torchvision", "timm", "safetensors", "huggingface_hub", "nncf")
 SITECUSTOMIZE = f'''import sys
 
 

@@ -35,7 +35,8 @@ from service.golden.record import top_k
 from service.imaging.preprocess import InputSpec
 from service.inference.assembly import prepare
 from service.worker.backends.prepared import find_prepared
-from tests.conftest import LIMITED_API_KEY, TEST_VARIANT, Reference, run_server, server_settings, until
+from tests.conftest import LIMITED_API_KEY, TEST_VARIANT, Reference, run_server, server_settings
+from tests.service.serving import stays_unready
 from weights.labels import imagenet_labels, load_labels
 
 LABELS = imagenet_labels()
@@ -185,25 +186,10 @@ def _classify_twice(url: str) -> list[int]:
     return [httpx.post(f"{url}/v1/classify", files=files, headers=headers, timeout=60).status_code for _ in range(2)]
 
 
-def _stays_unready(url: str, *expected: str) -> str:
-    """Wait for /readyz to name one of `expected` in its reason; it stays 503. Returns the reason."""
-    reason = ""
-
-    def says() -> bool:
-        nonlocal reason
-        response = httpx.get(f"{url}/readyz", timeout=10)
-        assert response.status_code == 503, "a faulty server must never report ready"
-        reason = response.json()["error"]["message"]
-        return any(text in reason for text in expected)
-
-    until(says, 120, f"/readyz to say one of {expected!r}")
-    return reason
-
-
 def test_a_broken_preprocessing_step_keeps_the_server_unready(reference: Reference) -> None:
     with run_server(wait=False, weights=str(reference.checkpoint), backend="openvino", precision="fp32", workers=1,
                     test_preprocess_fault="bgr") as url:
-        reason = _stays_unready(url, "self-test failed")
+        reason = stays_unready(url, "self-test failed")
         assert re.search(r"(astronaut\.png|chelsea\.jpg|coffee\.jpg) branch \d: logit cosine", reason), reason
         card = httpx.get(f"{url}/v1/models", timeout=10).json()
         assert card["skipped_modes"][0]["mode"] == "openvino/fp32"
@@ -212,7 +198,7 @@ def test_a_broken_preprocessing_step_keeps_the_server_unready(reference: Referen
                            httpx.get(f"{url}/metrics").text, re.M)
         assert failed and float(failed.group(1)) >= 1
         # with its one mode refused, the restarted worker says so, and the server stays unready
-        _stays_unready(url, "was skipped")
+        stays_unready(url, "was skipped")
 
 
 def test_a_swapped_label_file_keeps_the_server_unready(reference: Reference, tmp_path: Path) -> None:
@@ -227,7 +213,7 @@ def test_a_swapped_label_file_keeps_the_server_unready(reference: Reference, tmp
     assert load_labels(labels)[top1] == LABELS[top1 + 1]
     with run_server(wait=False, weights=str(reference.checkpoint), backend="openvino", precision="fp32", workers=1,
                     labels_file=str(labels)) as url:
-        reason = _stays_unready(url, "self-test failed")
+        reason = stays_unready(url, "self-test failed")
         assert f"class {top1} is named {LABELS[top1 + 1]!r} here but {LABELS[top1]!r} in the record" in reason
 
 
@@ -248,7 +234,7 @@ def test_a_corrupted_prepared_model_keeps_the_server_unready(reference: Referenc
     weights.write_bytes(bytes(data))
     with run_server(wait=False, **settings) as url:
         # the start-up guard (noise) or the self-test (the golden images), whichever sees it first
-        reason = _stays_unready(url, "no OpenVINO mode matches PyTorch fp32", "self-test failed")
+        reason = stays_unready(url, "no OpenVINO mode matches PyTorch fp32", "self-test failed")
         assert "dead" in reason or "starting" in reason
 
 

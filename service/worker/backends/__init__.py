@@ -22,6 +22,8 @@ from .base import (
     ModeGate,
     OpenGate,
     Probe,
+    QuantizationRefusedError,
+    int8_conflict,
     mode_key,
     openvino_conflict,
 )
@@ -42,8 +44,10 @@ __all__ = [
     "NotPreparedError",
     "OpenGate",
     "Probe",
+    "QuantizationRefusedError",
     "build_openvino",
     "cache_key",
+    "int8_conflict",
     "is_complete",
     "mode_key",
     "openvino_conflict",
@@ -68,8 +72,14 @@ class BackendChoice:
 
 
 def resolve_backend(setting: str, device: str, precision: str) -> BackendChoice:
-    """`auto`: OpenVINO for CPU workers where the package imports, PyTorch for CUDA (and for fp16)."""
+    """`auto`: OpenVINO for CPU workers where the package imports, PyTorch for CUDA (and for fp16); int8: OpenVINO."""
     on_cuda = device.startswith("cuda")
+    if precision == "int8":  # never a fallback to PyTorch: it would serve fp32 under an int8 setting
+        if problem := int8_conflict(setting, device):
+            raise ValueError(problem)
+        if not openvino_available():
+            raise ValueError("CROSSVIT_PRECISION=int8 runs on OpenVINO, and the openvino package is not installed")
+        return BackendChoice("openvino", "int8 asked for, which only OpenVINO runs", fallback=False)
     if setting == "torch" or (setting == "auto" and (on_cuda or precision == "fp16")):
         if not torch_available():
             raise ValueError(f"{'CROSSVIT_BACKEND=torch' if setting == 'torch' else 'CUDA or fp16'} needs the "

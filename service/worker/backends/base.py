@@ -26,6 +26,8 @@ __all__ = [
     "ModeGate",
     "OpenGate",
     "Probe",
+    "QuantizationRefusedError",
+    "int8_conflict",
     "mode_key",
     "openvino_conflict",
 ]
@@ -36,6 +38,10 @@ EXACT_COSINE = 0.99999
 EXACT_REL_ERR = 1e-4
 PROBE_IMAGES = 4
 PROBE_SEED = 0  # of torch's generator: the noise every mode of every worker is checked on
+
+
+class QuantizationRefusedError(RuntimeError):
+    """INT8 asked for, and its guard refused the quantisation (the verdict is cached with it): no start serves it."""
 
 
 class DeviceOutOfMemoryError(RuntimeError):
@@ -74,6 +80,15 @@ def openvino_conflict(device: str, precision: str) -> str | None:
         return "backend openvino runs CPU workers only; use torch (or auto) with a CUDA device"
     if precision == "fp16":
         return "backend openvino runs fp32 or bf16; fp16 needs the torch backend"
+    return None
+
+
+def int8_conflict(backend: str, device: str) -> str | None:
+    """Why INT8 cannot run with this backend setting or device, or None: only OpenVINO's CPU workers run it."""
+    if backend == "torch":
+        return "precision int8 runs on the OpenVINO backend only; use backend auto or openvino"
+    if device.startswith("cuda"):
+        return "precision int8 runs on CPU workers only (OpenVINO); use device cpu"
     return None
 
 

@@ -18,12 +18,15 @@ import importlib.util
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import Agreement, Built, ModeGate, OpenGate, mode_key
+from .base import Agreement, Built, ModeGate, OpenGate, QuantizationRefusedError, mode_key
 from .prepared import load_golden, load_heads, load_probe, locked, read_meta
+
+if TYPE_CHECKING:
+    from .openvino_quantize import Quantization
 
 __all__ = [
     "OpenVINOBackend",
@@ -34,8 +37,9 @@ __all__ = [
     "openvino",
 ]
 
-# The precision hints we serve, fastest first; "auto" tries them in this order.
-_HINTS = {"bf16": "bf16", "fp32": "f32"}
+# The precision hint of each mode: INT8's graph is quantised (its float parts, softmax and layer norms, in f32,
+# as its guard measured them); "auto" tries bf16 then fp32, never int8.
+_HINTS = {"bf16": "bf16", "fp32": "f32", "int8": "f32"}
 
 
 def available() -> bool:
@@ -53,10 +57,10 @@ def modes_for(precision: str) -> list[str]:
     """Modes to try, fastest first: bf16 only where the CPU computes it natively."""
     if precision == "fp32":
         return ["fp32"]
-    if precision == "bf16":
-        return ["bf16"]
+    if precision in ("bf16", "int8"):
+        return [precision]
     if precision != "auto":
-        raise ValueError(f"the OpenVINO backend runs fp32 or bf16, not {precision}")
+        raise ValueError(f"the OpenVINO backend runs fp32, bf16 or int8, not {precision}")
     capabilities = openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     return ["bf16", "fp32"] if "BF16" in capabilities else ["fp32"]
 
@@ -114,10 +118,11 @@ class OpenVINOBackend:
 
 def build_openvino(
     folder: Path, *, precision: str, threads: Sequence[int], gate: ModeGate | None = None,
-    compiled_cache: Path | None = None,
+    compiled_cache: Path | None = None, int8: tuple[Path, Quantization] | None = None,
 ) -> tuple[Built, dict[str, Any]]:
     """Compile the fastest mode of the prepared model in `folder` that is exact (fp32) or passes the
-    guard (bf16), of those the gate allows; `compiled_cache` keeps OpenVINO's compiled blobs.
+    guard (bf16), of those the gate allows; `compiled_cache` keeps OpenVINO's compiled blobs. INT8
+    (precision int8) serves `int8`'s quantised graph, if its guard admitted it on held-out images.
 
     Raises RuntimeError when even fp32 is not exact, or the gate allows no mode: the caller falls back to PyTorch.
     """
@@ -128,10 +133,17 @@ def build_openvino(
         raise RuntimeError(f"every OpenVINO mode of precision {precision} was skipped (it crashed a worker while "
                            "starting, or failed the self-test; /v1/models skipped_modes says which): "
                            + ", ".join(modes))
+    if precision == "int8":
+        if int8 is None:
+            raise ValueError("precision int8 needs the quantised model")
+        if not int8[1].guard.passed:
+            raise QuantizationRefusedError(f"the INT8 quantisation was refused by its guard against fp32 on "
+                                           f"{int8[1].guard.images} held-out samples: {int8[1].guard.reason()} "
+                                           "(quantise on images like the served ones: CROSSVIT_CALIBRATION_DIR)")
     ov = openvino()
     started = time.perf_counter()
     core = ov.Core()
-    model = core.read_model(folder / "model.xml")
+    model = core.read_model((folder if int8 is None else int8[0]) / "model.xml")
     read_s = time.perf_counter() - started
     heads = load_heads(folder)
     probe = load_probe(folder)
@@ -148,12 +160,16 @@ def build_openvino(
     for mode in allowed:
         gate.trying(mode_key("openvino", mode))  # from compiling to the end of warm-up: a death names this mode
         backend = OpenVINOBackend(core, model, heads, mode, [max(threads)], blob_lock)
-        agreement = probe.compare(backend(probe.x, max(threads)))
-        if agreement.is_exact() or (mode != "fp32" and agreement.passes_guard()):
+        if int8 is None:
+            agreement = probe.compare(backend(probe.x, max(threads)))
+        else:  # admitted by its own guard, on images: the probe's noise lies outside any calibration's ranges
+            agreement = Agreement(int8[1].guard.worst_cosine, int8[1].guard.max_rel_err)
+        if int8 is not None or agreement.is_exact() or (mode != "fp32" and agreement.passes_guard()):
             backend.compile(threads)
             backend.agreement = agreement
             info = {"read_s": round(read_s, 3), "openvino": ov.get_version(),
-                    "prepared": read_meta(folder).sha256[:16]}
+                    "prepared": read_meta(folder).sha256[:16],
+                    **({} if int8 is None else {"quantization": int8[1].summary()})}
             return Built(backend, modes[0], rejected, load_golden(folder)), info
         rejected.append((mode, agreement))
     raise RuntimeError(

@@ -36,6 +36,7 @@ from .base import Probe
 __all__ = [
     "NOT_CACHED",
     "PREPARED_FORMAT",
+    "QUANTIZED_NOT_CACHED",
     "NotPreparedError",
     "PreparedMeta",
     "cache_key",
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 PREPARED_FORMAT = 4  # bump when what preparation writes changes
 NOT_CACHED = "prepared, not cached"  # a temporary folder (no usable cache): its reader removes it
+QUANTIZED_NOT_CACHED = "quantized, not cached"  # likewise, an INT8 folder (openvino_quantize.py)
 FILES = ("model.xml", "model.bin", "heads.npz", "probe.npz", "golden.npz", "prepared.json")
 PREPARE_HINT = (
     "run `crossvit-serve --prepare-only` with the same CROSSVIT_MODEL, weights and CROSSVIT_CACHE_DIR where "

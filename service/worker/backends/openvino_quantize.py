@@ -1,0 +1,187 @@
+"""The INT8 mode: a prepared OpenVINO model quantised with NNCF, kept only with its guard's verdict.
+
+NNCF (OpenVINO's quantiser, the `int8` extra) records activation ranges on the calibration samples and
+writes an INT8 graph (model type "transformer": softmax, layer norms and GELU stay in floating point). The
+guard (service/quantization/guard.py) then compares its logits with the prepared fp32 model's on the
+held-out samples. Both go into a folder beside the prepared one, named by the calibration set's hash:
+
+    <prepared folder>.int8-<calibration sha256[:16]>/
+        model.xml, model.bin   the quantised graph: the prepared graph's input and outputs (the heads stay fp32)
+        quantization.json      the calibration set, sample counts, NNCF's release, seconds, the guard's verdict
+
+A refused quantisation is kept as well, so a restarted worker reads the refusal instead of quantising
+again. Like the prepared folder, it appears whole by an atomic rename, under a file lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...golden import reference_decode
+from ...imaging.preprocess import InputSpec
+from ...quantization import CalibrationSet, GuardResult, judge, load_samples
+from ...quantization.samples import CALIBRATION_SAMPLES, HELD_OUT_SAMPLES
+from .openvino_runtime import OpenVINOBackend, openvino
+from .prepared import QUANTIZED_NOT_CACHED, NotPreparedError, load_heads, locked
+
+__all__ = ["NNCF_HINT", "NotQuantizableError", "Quantization", "nncf_available", "quantize_openvino",
+           "quantized_folder", "read_quantization"]
+
+logger = logging.getLogger(__name__)
+
+FILES = ("model.xml", "model.bin", "quantization.json")
+NNCF_HINT = ("quantising needs NNCF: pip install 'crossvit-serve[int8]' and run `crossvit-serve --prepare-only` "
+             "with the same CROSSVIT_PRECISION=int8, weights, CROSSVIT_CALIBRATION_DIR and CROSSVIT_CACHE_DIR; the "
+             "server then serves the cached quantisation without NNCF")
+_BATCH = 8  # held-out samples per inference while judging
+
+
+class NotQuantizableError(NotPreparedError):
+    """INT8 asked for, no cached quantisation for this calibration set, and no NNCF here to make one."""
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What quantization.json says: how the INT8 model was made and whether its guard admitted it."""
+
+    calibration: dict[str, Any]  # CalibrationSet.summary() and the sample counts
+    guard: GuardResult
+    nncf: str
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """For /v1/models and the start-up log."""
+        g = self.guard
+        return {"calibration": self.calibration, "nncf": self.nncf, "quantize_s": self.seconds,
+                "guard": {"passed": g.passed, "held_out_samples": g.images, "median_cosine": round(g.median_cosine, 5),
+                          "worst_cosine": round(g.worst_cosine, 5), "top1_agreement": round(g.top1_agreement, 4),
+                          "confident_images": g.confident_images,
+                          "confident_agreement": None if g.confident_agreement is None
+                          else round(g.confident_agreement, 4),
+                          **({} if g.passed else {"reason": g.reason()})}}
+
+
+def nncf_available() -> bool:
+    try:
+        return importlib.util.find_spec("nncf") is not None
+    except ImportError:  # a finder that refuses it outright
+        return False
+
+
+def quantized_folder(prepared: Path, calibration: CalibrationSet) -> Path:
+    return prepared.parent / f"{prepared.name}.int8-{calibration.digest[:16]}"
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in FILES)
+
+
+def read_quantization(folder: Path) -> Quantization:
+    data = json.loads((folder / "quantization.json").read_text())
+    return Quantization(data["calibration"], GuardResult.from_dict(data["guard"]), data["nncf"], data["seconds"])
+
+
+def quantize_openvino(
+    prepared: Path, calibration: CalibrationSet, spec: InputSpec, *, threads: int, cached: bool
+) -> tuple[Path, str]:
+    """The INT8 folder for `prepared` and `calibration`, and how it came to be: "cache", "quantized" or
+    "quantized, not cached" (`cached` False, or a cache folder that cannot be written: a temporary folder,
+    which the caller removes once the model is read). Raises NotQuantizableError without NNCF."""
+    target = quantized_folder(prepared, calibration)
+    if cached:
+        try:
+            if _is_complete(target):
+                return target, "cache"
+            with locked(target.parent / f"{target.name}.lock"):
+                if _is_complete(target):  # another worker quantised it while we waited
+                    return target, "cache"
+                _require_nncf()
+                scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+                try:
+                    _quantize(prepared, calibration, spec, threads, scratch)
+                    scratch.chmod(0o755)
+                    os.replace(scratch, target)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                return target, "quantized"
+        except OSError as exc:
+            logger.warning("cannot use the model cache; quantising without it",
+                           extra={"cache_dir": str(target.parent), "error": str(exc)})
+    _require_nncf()
+    scratch = Path(tempfile.mkdtemp(prefix="crossvit-int8-"))
+    try:
+        _quantize(prepared, calibration, spec, threads, scratch)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return scratch, QUANTIZED_NOT_CACHED
+
+
+def _require_nncf() -> None:
+    if not nncf_available():
+        raise NotQuantizableError(NNCF_HINT)
+
+
+def _quantize(prepared: Path, calibration: CalibrationSet, spec: InputSpec, threads: int, out: Path) -> None:
+    import nncf
+
+    started = time.perf_counter()
+    ov = openvino()
+    core = ov.Core()
+    model = core.read_model(prepared / "model.xml")
+    decode = reference_decode(spec)
+    digest = calibration.digest
+    calibrate = load_samples(calibration.calibration, CALIBRATION_SAMPLES, decode, seed=f"calibration {digest}")
+    held_out = load_samples(calibration.held_out, HELD_OUT_SAMPLES, decode, seed=f"held out {digest}")
+    logger.info("quantising to INT8 with NNCF", extra={**calibration.summary(), "samples": len(calibrate)})
+    with _quiet(nncf):
+        quantized = nncf.quantize(model, nncf.Dataset(list(calibrate), lambda x: x[None]),
+                                  model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibrate))
+    heads = load_heads(prepared)
+    guard = judge(_logits(core, model, heads, "fp32", held_out, threads),
+                  _logits(core, quantized, heads, "int8", held_out, threads))
+    ov.save_model(quantized, out / "model.xml", compress_to_fp16=False)
+    record = {
+        "calibration": {**calibration.summary(), "calibration_samples": len(calibrate),
+                        "held_out_samples": len(held_out)},
+        "guard": guard.to_dict(),
+        "nncf": importlib.metadata.version("nncf"),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    (out / "quantization.json").write_text(json.dumps(record, indent=2) + "\n")
+    log = logger.info if guard.passed else logger.error
+    log("INT8 quantisation " + ("admitted" if guard.passed else "refused") + " by its guard",
+        extra=read_quantization(out).summary()["guard"])
+
+
+def _logits(core: Any, model: Any, heads: list[tuple[np.ndarray, np.ndarray]], mode: str, x: np.ndarray,
+            threads: int) -> np.ndarray:
+    backend = OpenVINOBackend(core, model, heads, mode, [threads])
+    return np.concatenate([backend(x[i:i + _BATCH], threads) for i in range(0, len(x), _BATCH)])
+
+
+@contextlib.contextmanager
+def _quiet(nncf: Any) -> Any:
+    """NNCF logs each step at INFO and draws progress bars (rich, on stdout): a worker's log wants neither."""
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf.set_log_level(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        nncf_logger.setLevel(level)
