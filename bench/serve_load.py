@@ -163,8 +163,10 @@ def model_only_served(variant: str, mode: str, seconds: float = 6.0, model_xml: 
 
 
 def int8_folder(weights: Path, label: str = "ours") -> Path | None:
-    """The INT8 folder `_ours` had the service quantise into its cache, if any."""
-    return next(iter(sorted(p for p in (weights.parent / f"model-cache-{label}").glob("*.int8-*") if p.is_dir())), None)
+    """The INT8 folder `_ours` had the service quantise into its cache and its guard admitted, if any."""
+    folders = sorted(p for p in (weights.parent / f"model-cache-{label}").glob("*.int8-*") if p.is_dir())
+    admitted = [f for f in folders if json.loads((f / "quantization.json").read_text())["guard"]["passed"]]
+    return admitted[0] if admitted else None
 
 
 def preprocess_ms(variant: str, data: bytes, repeats: int = 50) -> float:

@@ -3,6 +3,6 @@ check it (samples.py), and the guard that admits it against fp32 (guard.py). The
 service/worker/backends/openvino_quantize.py."""
 
 from .guard import GuardResult, judge
-from .samples import CalibrationSet, calibration_set, load_samples
+from .samples import CalibrationError, CalibrationSet, calibration_set, load_samples
 
-__all__ = ["CalibrationSet", "GuardResult", "calibration_set", "judge", "load_samples"]
+__all__ = ["CalibrationError", "CalibrationSet", "GuardResult", "calibration_set", "judge", "load_samples"]

@@ -36,7 +36,7 @@ from .backends.prepared import NOT_CACHED, PREPARE_HINT, QUANTIZED_NOT_CACHED
 from .protocol import Done, Failed, Fatal, Ping, Pong, Ready, ReplicaSpec, Slots, Stop, ToWorker, Trying
 
 if TYPE_CHECKING:
-    from .backends.openvino_quantize import Quantization
+    from .backends.openvino_quantize import Quantized
 
 __all__ = ["PipeGate", "WeightsChangedError", "build_backend", "main"]
 
@@ -108,7 +108,7 @@ def _build_openvino(spec: ReplicaSpec, gate: ModeGate | None) -> tuple[Built, di
             pretrained=spec.pretrained, labels=_labels(spec),
         )
     prepare_s = time.perf_counter() - started
-    int8: tuple[Path, Quantization] | None = None
+    int8: Quantized | None = None
     int8_temporary = False
     try:
         if spec.precision == "int8":
@@ -120,25 +120,24 @@ def _build_openvino(spec: ReplicaSpec, gate: ModeGate | None) -> tuple[Built, di
         if source == NOT_CACHED:
             shutil.rmtree(folder, ignore_errors=True)
         if int8 is not None and int8_temporary:
-            shutil.rmtree(int8[0], ignore_errors=True)
+            shutil.rmtree(int8.folder, ignore_errors=True)
     extra = {} if int8 is None else {"int8_source": int8_source}
     return built, {"model_source": source, "prepare_s": round(prepare_s, 3), **extra, **info}
 
 
-def _quantized(spec: ReplicaSpec, prepared: Path, *, cached: bool) -> tuple[tuple[Path, Quantization], str]:
+def _quantized(spec: ReplicaSpec, prepared: Path, *, cached: bool) -> tuple[Quantized, str]:
     """The INT8 model of `prepared` for the spec's calibration set, and where it came from: the cache, or
     quantised now (NNCF, where installed). Imported here: the other modes' workers need none of it."""
     from ..imaging.preprocess import InputSpec
-    from ..quantization import calibration_set
-    from .backends.openvino_quantize import quantize_openvino, read_quantization
+    from ..quantization import CalibrationError, calibration_set
+    from .backends.openvino_quantize import NotQuantizableError, quantize_openvino
 
     try:
         calibration = calibration_set(None if spec.calibration_dir is None else Path(spec.calibration_dir))
-    except ValueError as exc:
-        raise NotPreparedError(str(exc)) from None
-    folder, source = quantize_openvino(prepared, calibration, InputSpec.from_variant(get_variant(spec.variant)),
-                                       threads=max(spec.thread_options), cached=cached)
-    return (folder, read_quantization(folder)), source
+    except CalibrationError as exc:
+        raise NotQuantizableError(str(exc)) from None
+    return quantize_openvino(prepared, calibration, InputSpec.from_variant(get_variant(spec.variant)),
+                             threads=max(spec.thread_options), cached=cached)
 
 
 def _labels(spec: ReplicaSpec) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ than a photo's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from pydantic import ValidationError
 from service.golden import QUANTIZED, reference_decode, tolerance_for
 from service.imaging.preprocess import InputSpec
 from service.inference.assembly import prepare
-from service.quantization import calibration_set, judge, load_samples
-from service.quantization.guard import MIN_MEDIAN_COSINE
+from service.quantization import CalibrationError, calibration_set, judge, load_samples
+from service.quantization.guard import MIN_MEDIAN_COSINE, MIN_WORST_COSINE
+from service.quantization.samples import CalibrationImage
 from service.worker.backends import resolve_backend
 from service.worker.backends.openvino_quantize import quantized_folder, read_quantization
 from service.worker.backends.prepared import find_prepared
@@ -49,7 +51,7 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_default_set_holds_out_every_third_photo_and_its_hash_follows_the_bytes(tmp_path: Path) -> None:
     default = calibration_set(None)
     assert [i.name for i in default.held_out] == ["coffee.jpg", "retina.jpg"]
-    assert len(default.calibration) == 5 and default.digest == calibration_set(None).digest
+    assert len(default.calibration) == 5
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in ("a", "b", "c"):
@@ -60,10 +62,18 @@ def test_the_default_set_holds_out_every_third_photo_and_its_hash_follows_the_by
     digest = mine.digest
     (folder / "c.jpg").write_bytes(encode(photo("coffee"), "JPEG"))
     assert calibration_set(folder).digest != digest  # another image: another cache entry
-    (folder / "b.jpg").unlink()
     (folder / "c.jpg").unlink()
-    with pytest.raises(ValueError, match="holds 1 images"):
+    pair = calibration_set(folder)  # two images: the second is held out, so the guard always has one
+    assert [i.name for i in pair.calibration] == ["a.jpg"] and [i.name for i in pair.held_out] == ["b.jpg"]
+    (folder / "b.jpg").unlink()
+    with pytest.raises(CalibrationError, match="holds 1 images"):
         calibration_set(folder)
+
+
+def test_an_image_that_does_not_decode_is_named() -> None:
+    broken = CalibrationImage("broken.jpg", b"\xff\xd8 not really a jpeg")
+    with pytest.raises(CalibrationError, match="calibration image broken.jpg"):
+        load_samples([broken], 4, reference_decode(_spec()), seed="s")
 
 
 def test_samples_go_through_the_served_preprocessing_and_are_the_same_every_time() -> None:
@@ -92,6 +102,18 @@ def test_the_guard_judges_cosine_and_the_confident_top1() -> None:
     assert result.median_cosine > MIN_MEDIAN_COSINE  # only the top-1 rule refused it
 
 
+def test_a_stored_verdict_is_judged_again_by_the_current_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, 2, 1000))
+    stored = judge(logits, logits + rng.standard_normal(logits.shape) * 0.05).to_dict()
+    assert stored["passed"] is True
+    from service.quantization import guard
+
+    monkeypatch.setattr(guard, "MIN_MEDIAN_COSINE", 0.99999)  # a later release with a tighter bound
+    again = guard.GuardResult.from_dict(stored)
+    assert not again.passed and "median logit cosine" in again.reason()
+
+
 def test_int8_is_openvino_on_the_cpu_only() -> None:
     with pytest.raises(ValidationError, match="runs on the OpenVINO backend only"):
         server_settings(precision="int8", backend="torch")
@@ -100,6 +122,7 @@ def test_int8_is_openvino_on_the_cpu_only() -> None:
     choice = resolve_backend("auto", "cpu", "int8")
     assert choice.name == "openvino" and not choice.fallback  # never a silent fp32 on PyTorch
     assert tolerance_for("int8") is QUANTIZED
+    assert QUANTIZED.cosine == MIN_WORST_COSINE  # the self-test never refuses what the guard admitted for cosine
 
 
 # -- quantised, cached, served ---------------------------------------------------------------------------
@@ -118,7 +141,9 @@ def _int8_folder(cache: Path, calibration: Path | None = None) -> Path:
     return quantized_folder(found[0], calibration_set(calibration))
 
 
-def test_preparing_int8_quantises_once_and_caches_the_verdict(reference: Reference, int8_cache: Path) -> None:
+def test_preparing_int8_quantises_once_and_caches_the_verdict(
+    reference: Reference, int8_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     folder = _int8_folder(int8_cache)
     quantization = read_quantization(folder)
     assert quantization.guard.passed, quantization.guard.reason()
@@ -127,9 +152,11 @@ def test_preparing_int8_quantises_once_and_caches_the_verdict(reference: Referen
     # the graph is quantised: NNCF's FakeQuantize layers are in it
     assert "FakeQuantize" in (folder / "model.xml").read_text() or "FakeConvert" in (folder / "model.xml").read_text()
     stamp = (folder / "quantization.json").stat().st_mtime_ns
-    assert prepare(server_settings(weights=str(reference.checkpoint), precision="int8",
-                                   cache_dir=str(int8_cache))) == 0
-    assert (folder / "quantization.json").stat().st_mtime_ns == stamp  # read from the cache, not quantised again
+    with caplog.at_level(logging.INFO, logger="service.inference.assembly"):
+        assert prepare(server_settings(weights=str(reference.checkpoint), precision="int8",
+                                       cache_dir=str(int8_cache))) == 0
+    assert [r.int8_source for r in caplog.records if r.getMessage() == "prepared"] == ["cache"]  # type: ignore[attr-defined]
+    assert (folder / "quantization.json").stat().st_mtime_ns == stamp  # read, not written again
 
 
 def test_an_int8_server_reports_its_guard_and_serves(reference: Reference, int8_cache: Path) -> None:

@@ -25,20 +25,21 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ...golden import reference_decode
 from ...imaging.preprocess import InputSpec
-from ...quantization import CalibrationSet, GuardResult, judge, load_samples
+from ...quantization import CalibrationError, CalibrationSet, GuardResult, judge, load_samples
 from ...quantization.samples import CALIBRATION_SAMPLES, HELD_OUT_SAMPLES
 from .openvino_runtime import OpenVINOBackend, openvino
 from .prepared import QUANTIZED_NOT_CACHED, NotPreparedError, load_heads, locked
 
-__all__ = ["NNCF_HINT", "NotQuantizableError", "Quantization", "nncf_available", "quantize_openvino",
+__all__ = ["NNCF_HINT", "NotQuantizableError", "Quantization", "Quantized", "nncf_available", "quantize_openvino",
            "quantized_folder", "read_quantization"]
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ _BATCH = 8  # held-out samples per inference while judging
 
 
 class NotQuantizableError(NotPreparedError):
-    """INT8 asked for, no cached quantisation for this calibration set, and no NNCF here to make one."""
+    """INT8 asked for, and no cached quantisation for this calibration set: no NNCF here to make one, or the
+    calibration images cannot serve. No start mends it, so `--prepare-only` exits 2 and a worker stays out."""
 
 
 @dataclass(frozen=True)
@@ -95,40 +97,62 @@ def read_quantization(folder: Path) -> Quantization:
     return Quantization(data["calibration"], GuardResult.from_dict(data["guard"]), data["nncf"], data["seconds"])
 
 
+class Quantized(NamedTuple):
+    """An INT8 model ready to read: its folder and what quantization.json says of it."""
+
+    folder: Path
+    quantization: Quantization
+
+
 def quantize_openvino(
     prepared: Path, calibration: CalibrationSet, spec: InputSpec, *, threads: int, cached: bool
-) -> tuple[Path, str]:
-    """The INT8 folder for `prepared` and `calibration`, and how it came to be: "cache", "quantized" or
+) -> tuple[Quantized, str]:
+    """The INT8 model of `prepared` for `calibration`, and how it came to be: "cache", "quantized" or
     "quantized, not cached" (`cached` False, or a cache folder that cannot be written: a temporary folder,
-    which the caller removes once the model is read). Raises NotQuantizableError without NNCF."""
+    which the caller removes once the model is read). Raises NotQuantizableError without NNCF, or for
+    calibration images that cannot serve."""
     target = quantized_folder(prepared, calibration)
-    if cached:
-        try:
-            if _is_complete(target):
-                return target, "cache"
-            with locked(target.parent / f"{target.name}.lock"):
-                if _is_complete(target):  # another worker quantised it while we waited
-                    return target, "cache"
-                _require_nncf()
-                scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-                try:
-                    _quantize(prepared, calibration, spec, threads, scratch)
-                    scratch.chmod(0o755)
-                    os.replace(scratch, target)
-                finally:
-                    shutil.rmtree(scratch, ignore_errors=True)
-                return target, "quantized"
-        except OSError as exc:
-            logger.warning("cannot use the model cache; quantising without it",
-                           extra={"cache_dir": str(target.parent), "error": str(exc)})
-    _require_nncf()
+    if cached and _is_complete(target):
+        return Quantized(target, read_quantization(target)), "cache"
+    lock = target.parent / f"{target.name}.lock"
+    if cached and _writable(lock):
+        with locked(lock):
+            if not _is_complete(target):  # else another worker quantised it while we waited
+                _quantize_into(target, prepared, calibration, spec, threads)
+                return Quantized(target, read_quantization(target)), "quantized"
+        return Quantized(target, read_quantization(target)), "cache"
     scratch = Path(tempfile.mkdtemp(prefix="crossvit-int8-"))
     try:
         _quantize(prepared, calibration, spec, threads, scratch)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    return scratch, QUANTIZED_NOT_CACHED
+    return Quantized(scratch, read_quantization(scratch)), QUANTIZED_NOT_CACHED
+
+
+def _writable(lock: Path) -> bool:
+    try:
+        open(lock, "a").close()  # noqa: SIM115
+    except OSError as exc:
+        logger.warning("cannot use the model cache; quantising without it",
+                       extra={"cache_dir": str(lock.parent), "error": str(exc)})
+        return False
+    return True
+
+
+def _quantize_into(target: Path, prepared: Path, calibration: CalibrationSet, spec: InputSpec, threads: int) -> None:
+    """Quantise into a scratch folder beside `target`, then rename it into place; under the lock, so whatever a
+    killed quantisation left (its scratch folder, a partial target) is nobody's and goes first."""
+    _require_nncf()
+    for stale in [*target.parent.glob(f".{target.name}-*"), target]:
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _quantize(prepared, calibration, spec, threads, scratch)
+        scratch.chmod(0o755)  # mkdtemp's 0700 would hide a folder quantised by root from the server's user
+        os.replace(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _require_nncf() -> None:
@@ -145,8 +169,11 @@ def _quantize(prepared: Path, calibration: CalibrationSet, spec: InputSpec, thre
     model = core.read_model(prepared / "model.xml")
     decode = reference_decode(spec)
     digest = calibration.digest
-    calibrate = load_samples(calibration.calibration, CALIBRATION_SAMPLES, decode, seed=f"calibration {digest}")
-    held_out = load_samples(calibration.held_out, HELD_OUT_SAMPLES, decode, seed=f"held out {digest}")
+    try:
+        calibrate = load_samples(calibration.calibration, CALIBRATION_SAMPLES, decode, seed=f"calibration {digest}")
+        held_out = load_samples(calibration.held_out, HELD_OUT_SAMPLES, decode, seed=f"held out {digest}")
+    except CalibrationError as exc:
+        raise NotQuantizableError(f"{exc} ({calibration.source})") from None
     logger.info("quantising to INT8 with NNCF", extra={**calibration.summary(), "samples": len(calibrate)})
     with _quiet(nncf):
         quantized = nncf.quantize(model, nncf.Dataset(list(calibrate), lambda x: x[None]),
@@ -175,7 +202,7 @@ def _logits(core: Any, model: Any, heads: list[tuple[np.ndarray, np.ndarray]], m
 
 
 @contextlib.contextmanager
-def _quiet(nncf: Any) -> Any:
+def _quiet(nncf: Any) -> Iterator[None]:
     """NNCF logs each step at INFO and draws progress bars (rich, on stdout): a worker's log wants neither."""
     nncf_logger = logging.getLogger("nncf")
     level = nncf_logger.level

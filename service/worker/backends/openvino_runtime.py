@@ -26,7 +26,7 @@ from .base import Agreement, Built, ModeGate, OpenGate, QuantizationRefusedError
 from .prepared import load_golden, load_heads, load_probe, locked, read_meta
 
 if TYPE_CHECKING:
-    from .openvino_quantize import Quantization
+    from .openvino_quantize import Quantized
 
 __all__ = [
     "OpenVINOBackend",
@@ -118,7 +118,7 @@ class OpenVINOBackend:
 
 def build_openvino(
     folder: Path, *, precision: str, threads: Sequence[int], gate: ModeGate | None = None,
-    compiled_cache: Path | None = None, int8: tuple[Path, Quantization] | None = None,
+    compiled_cache: Path | None = None, int8: Quantized | None = None,
 ) -> tuple[Built, dict[str, Any]]:
     """Compile the fastest mode of the prepared model in `folder` that is exact (fp32) or passes the
     guard (bf16), of those the gate allows; `compiled_cache` keeps OpenVINO's compiled blobs. INT8
@@ -136,14 +136,15 @@ def build_openvino(
     if precision == "int8":
         if int8 is None:
             raise ValueError("precision int8 needs the quantised model")
-        if not int8[1].guard.passed:
+        if not int8.quantization.guard.passed:
+            guard = int8.quantization.guard
             raise QuantizationRefusedError(f"the INT8 quantisation was refused by its guard against fp32 on "
-                                           f"{int8[1].guard.images} held-out samples: {int8[1].guard.reason()} "
+                                           f"{guard.images} held-out samples: {guard.reason()} "
                                            "(quantise on images like the served ones: CROSSVIT_CALIBRATION_DIR)")
     ov = openvino()
     started = time.perf_counter()
     core = ov.Core()
-    model = core.read_model((folder if int8 is None else int8[0]) / "model.xml")
+    model = core.read_model((folder if int8 is None else int8.folder) / "model.xml")
     read_s = time.perf_counter() - started
     heads = load_heads(folder)
     probe = load_probe(folder)
@@ -163,13 +164,13 @@ def build_openvino(
         if int8 is None:
             agreement = probe.compare(backend(probe.x, max(threads)))
         else:  # admitted by its own guard, on images: the probe's noise lies outside any calibration's ranges
-            agreement = Agreement(int8[1].guard.worst_cosine, int8[1].guard.max_rel_err)
+            agreement = Agreement(int8.quantization.guard.worst_cosine, int8.quantization.guard.max_rel_err)
         if int8 is not None or agreement.is_exact() or (mode != "fp32" and agreement.passes_guard()):
             backend.compile(threads)
             backend.agreement = agreement
             info = {"read_s": round(read_s, 3), "openvino": ov.get_version(),
                     "prepared": read_meta(folder).sha256[:16],
-                    **({} if int8 is None else {"quantization": int8[1].summary()})}
+                    **({} if int8 is None else {"quantization": int8.quantization.summary()})}
             return Built(backend, modes[0], rejected, load_golden(folder)), info
         rejected.append((mode, agreement))
     raise RuntimeError(
