@@ -71,7 +71,9 @@ class Settings(BaseSettings):
     )
     worker_start_timeout_s: float = Field(
         120.0, gt=0, description="a worker start (load, convert, compile, guard, warm-up) running longer is killed "
-                                 "and restarted with backoff; cold starts measured 3-15 s (README)",
+                                 "and restarted with backoff; cold starts measured 3-15 s (README). A conversion or "
+                                 "an INT8 quantisation the worker announces starts the count again (quantising: 30 "
+                                 "min)",
     )
     watchdog_multiplier: float = Field(
         10.0, ge=2, description="a batch may run this many times its expected (p99 measured) time"

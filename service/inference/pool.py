@@ -35,7 +35,21 @@ from ..golden import GoldenRecord
 from ..metrics import Metrics
 from ..worker import main as worker_main
 from ..worker.backends.base import mode_key
-from ..worker.protocol import Done, Failed, Fatal, Ping, Pong, Ready, ReplicaSpec, Run, Slots, Stop, ToParent, Trying
+from ..worker.protocol import (
+    Done,
+    Failed,
+    Fatal,
+    Ping,
+    Pong,
+    Preparing,
+    Ready,
+    ReplicaSpec,
+    Run,
+    Slots,
+    Stop,
+    ToParent,
+    Trying,
+)
 from .items import Pending, WorkerOutput
 from .selftest import SelfTest
 from .watchdog import InferenceTimes, WatchdogConfig
@@ -93,6 +107,9 @@ class _Worker:
     restarts: int = 0
     crashes_in_row: int = 0  # deaths since its last successful start (up STABLE_AFTER_S): the backoff's exponent
     spawned_at: float = 0.0
+    start_clock: float = 0.0  # the start's time limit counts from here: the spawn, or its last Preparing
+    start_budget_s: float | None = None  # that limit (None: WORKER_START_TIMEOUT_S)
+    preparing: str | None = None  # the one-off step the start is in ("quantising to INT8"), until ready or fatal
     up_since: float | None = None  # ready and alive since; None while starting or dead
     last_start_s: float | None = None  # how long its last successful start took
     back_by: float | None = None  # while restarting: when it should be ready again, by its last start
@@ -184,6 +201,7 @@ class WorkerPool:
                 "threads": w.spec.threads,
                 "batches_in_flight": len(w.in_flight),
                 "restarts": w.restarts,
+                **({"preparing": w.preparing} if w.state is WorkerState.STARTING and w.preparing else {}),
                 "last_error": w.last_error,
                 **{k: w.info[k] for k in _DESCRIBED if k in w.info},
             }
@@ -243,6 +261,7 @@ class WorkerPool:
         child_conn.close()
         worker.process, worker.conn = process, parent_conn
         worker.state, worker.spawned_at = WorkerState.STARTING, time.monotonic()
+        worker.start_clock, worker.start_budget_s, worker.preparing = worker.spawned_at, None, None
         worker.free_slots = list(range(worker.slots.count))
         worker.in_flight = {}
         worker.busy_since = worker.ping_sent_at = None
@@ -312,6 +331,7 @@ class WorkerPool:
         match message:
             case Ready(info, golden):
                 worker.info, worker.golden, worker.last_error, worker.trying = info, golden, None, None
+                worker.preparing = None
                 if "warm_up_s" in info:
                     self._times_of(worker).record_warm_up(worker.spec.max_batch_size, info["warm_up_s"])
                 if self._check_on_start:
@@ -324,6 +344,10 @@ class WorkerPool:
                 worker.ping_sent_at = None
             case Trying(mode):
                 worker.trying = mode
+            case Preparing(what, budget_s):
+                worker.start_clock, worker.start_budget_s, worker.preparing = time.monotonic(), budget_s, what
+                logger.info("a worker's start is preparing", extra={"worker": worker.spec.worker_id, "step": what,
+                                                                     "budget_s": budget_s})
             case Done(batch_id, slot, seconds):
                 batch = self._finished(worker, batch_id, slot)
                 self._times_of(worker).record(len(batch.items), seconds)
@@ -343,6 +367,7 @@ class WorkerPool:
                 self._fail(batch.items, f"inference failed: {reason}")
             case Fatal(error):
                 worker.last_error, worker.trying = error, None  # an error it reported, not a mode's crash
+                worker.preparing = None
         self._wake()
 
     def _finished(self, worker: _Worker, batch_id: int, slot: int) -> _Batch:
@@ -537,9 +562,11 @@ class WorkerPool:
     def _check(self, worker: _Worker) -> None:
         now = time.monotonic()
         if worker.state is WorkerState.STARTING and worker.conn is not None:
-            started = now - worker.spawned_at
-            if started > self._watchdog.start_timeout_s:
-                self._kill_hung(worker, f"its start ran {started:.1f} s (limit {self._watchdog.start_timeout_s:g} s)")
+            started = now - worker.start_clock
+            limit = worker.start_budget_s or self._watchdog.start_timeout_s
+            if started > limit:
+                step = "its start" if worker.preparing is None else f"its start ({worker.preparing})"
+                self._kill_hung(worker, f"{step} ran {started:.1f} s (limit {limit:g} s)")
             return
         if worker.state not in (WorkerState.READY, WorkerState.CHECKING) or worker.conn is None:
             return

@@ -33,7 +33,7 @@ from .backends import (
     torch_available,
 )
 from .backends.prepared import NOT_CACHED, PREPARE_HINT, QUANTIZED_NOT_CACHED
-from .protocol import Done, Failed, Fatal, Ping, Pong, Ready, ReplicaSpec, Slots, Stop, ToWorker, Trying
+from .protocol import Done, Failed, Fatal, Ping, Pong, Preparing, Ready, ReplicaSpec, Slots, Stop, ToWorker, Trying
 
 if TYPE_CHECKING:
     from .backends.openvino_quantize import Quantized
@@ -60,6 +60,10 @@ class PipeGate:
                            extra={"worker": self._spec.worker_id, "mode": key})
             return False
         return True
+
+    def preparing(self, what: str, budget_s: float | None = None) -> None:
+        if self._conn is not None:
+            self._conn.send(Preparing(what, budget_s))
 
     def trying(self, key: str) -> None:
         if self._conn is not None:
@@ -103,17 +107,22 @@ def _build_openvino(spec: ReplicaSpec, gate: ModeGate | None) -> tuple[Built, di
             )
         from .backends.openvino_prepare import prepare_openvino
 
+        if gate is not None:
+            gate.preparing("preparing the OpenVINO model")
         folder, source = prepare_openvino(
             _load_model(spec), cache_dir, variant=variant, sha256=spec.weights_sha256, source=spec.weights_source,
             pretrained=spec.pretrained, labels=_labels(spec),
         )
     prepare_s = time.perf_counter() - started
     int8: Quantized | None = None
+    int8_source: str | None = None
     int8_temporary = False
     try:
         if spec.precision == "int8":
-            int8, int8_source = _quantized(spec, folder, cached=source != NOT_CACHED)
+            int8, int8_source = _quantized(spec, folder, gate, cached=source != NOT_CACHED)
             int8_temporary = int8_source == QUANTIZED_NOT_CACHED
+        if gate is not None and (source != "prepared earlier" or int8_source not in (None, "cache")):
+            gate.preparing("compiling and checking its mode")  # the one-off step is over: the usual limit again
         built, info = build_openvino(folder, precision=spec.precision, threads=spec.thread_options, gate=gate,
                                      compiled_cache=None if cache_dir is None else cache_dir / "compiled", int8=int8)
     finally:  # a temporary folder is read and compiled by now (an unlinked mapping stays valid)
@@ -121,11 +130,11 @@ def _build_openvino(spec: ReplicaSpec, gate: ModeGate | None) -> tuple[Built, di
             shutil.rmtree(folder, ignore_errors=True)
         if int8 is not None and int8_temporary:
             shutil.rmtree(int8.folder, ignore_errors=True)
-    extra = {} if int8 is None else {"int8_source": int8_source}
+    extra = {} if int8_source is None else {"int8_source": int8_source}
     return built, {"model_source": source, "prepare_s": round(prepare_s, 3), **extra, **info}
 
 
-def _quantized(spec: ReplicaSpec, prepared: Path, *, cached: bool) -> tuple[Quantized, str]:
+def _quantized(spec: ReplicaSpec, prepared: Path, gate: ModeGate | None, *, cached: bool) -> tuple[Quantized, str]:
     """The INT8 model of `prepared` for the spec's calibration set, and where it came from: the cache, or
     quantised now (NNCF, where installed). Imported here: the other modes' workers need none of it."""
     from ..imaging.preprocess import InputSpec
@@ -137,7 +146,7 @@ def _quantized(spec: ReplicaSpec, prepared: Path, *, cached: bool) -> tuple[Quan
     except CalibrationError as exc:
         raise NotQuantizableError(str(exc)) from None
     return quantize_openvino(prepared, calibration, InputSpec.from_variant(get_variant(spec.variant)),
-                             threads=max(spec.thread_options), cached=cached)
+                             threads=max(spec.thread_options), cached=cached, gate=gate)
 
 
 def _labels(spec: ReplicaSpec) -> tuple[str, ...]:

@@ -4,7 +4,8 @@ A worker is spawned with its `ReplicaSpec` and its `Slots` (shared memory); afte
 small messages cross its pipe. Pixels and logits never do: the parent writes a batch's branch-0
 inputs into a slot and sends `Run`; the worker writes both branches' logits into the same slot
 and answers `Done`. While starting, the worker says `Trying` before each compute mode it compiles
-and checks, so that a death then names the mode (the pool skips it from then on), and `Ready`
+and checks, so that a death then names the mode (the pool skips it from then on), `Preparing` before a
+one-off step that may outlast the start's time limit (quantising, say), and `Ready`
 (with the golden record the parent's self-test compares its answers with) or `Fatal` when done.
 An idle worker answers `Ping` with `Pong`: the watchdog's sign of life.
 """
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from ..golden import GoldenRecord
 
 __all__ = [
-    "Done", "Failed", "Fatal", "Ping", "Pong", "Ready", "ReplicaSpec", "Run", "Slots", "Stop", "ToParent",
+    "Done", "Failed", "Fatal", "Ping", "Pong", "Preparing", "Ready", "ReplicaSpec", "Run", "Slots", "Stop", "ToParent",
     "ToWorker", "Trying",
 ]
 
@@ -138,6 +139,16 @@ class Trying:
 
 
 @dataclass(frozen=True)
+class Preparing:
+    """A one-off step of this start began (converting the model, quantising it, waiting for another worker's):
+    the start's time limit counts from now, `budget_s` long (None: WORKER_START_TIMEOUT_S), so a long
+    preparation is not mistaken for a hang, and the parent can say what the start is doing."""
+
+    what: str
+    budget_s: float | None = None
+
+
+@dataclass(frozen=True)
 class Ready:
     """Started: `info` is what /v1/models and the log show (backend, mode, guard figures, timings);
     `golden` the reference answers the parent's self-test checks this worker's served ones against."""
@@ -174,4 +185,4 @@ class Pong:
     pass
 
 
-ToParent = Trying | Ready | Fatal | Done | Failed | Pong
+ToParent = Trying | Preparing | Ready | Fatal | Done | Failed | Pong

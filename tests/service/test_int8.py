@@ -228,3 +228,20 @@ def _answers(url: str) -> bool:
     except httpx.TransportError:
         return False
     return True
+
+
+def test_a_worker_quantising_outlasts_the_start_limit(reference: Reference, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that finds no quantisation makes one (about 20 s for the test model), past a 10 s start limit:
+    it says so first, the watchdog gives the step its own budget, and the worker comes up on its first start."""
+    with caplog.at_level(logging.INFO, logger="service.inference.pool"), run_server(
+        weights=str(reference.checkpoint), precision="int8", cache_dir=str(tmp_path / "cache"), workers=1,
+        worker_start_timeout_s=10,
+    ) as url:
+        worker = httpx.get(f"{url}/v1/models", timeout=10).json()["workers"][0]
+    assert worker["mode"] == "int8" and worker["restarts"] == 0, worker
+    steps = [r.step for r in caplog.records if r.getMessage() == "a worker's start is preparing"]  # type: ignore[attr-defined]
+    assert steps == ["preparing the OpenVINO model", "quantising to INT8, or waiting for the worker that is",
+                     "compiling and checking its mode"]
+    quantising = [r for r in caplog.records if getattr(r, "step", "").startswith("quantising")][0]
+    assert quantising.budget_s > 10  # type: ignore[attr-defined]

@@ -39,6 +39,9 @@ class _Skips:
     def trying(self, key: str) -> None:
         self.tried.append(key)
 
+    def preparing(self, what: str, budget_s: float | None = None) -> None:
+        pass
+
 
 def test_every_openvino_mode_crashing_falls_back_to_pytorch(
     reference: Reference, caplog: pytest.LogCaptureFixture

@@ -100,11 +100,14 @@ def mode_key(backend: str, mode: str) -> str:
 class ModeGate(Protocol):
     """What a backend asks before it compiles or runs a mode: a mode that once killed a worker while
     starting (a native crash in its kernels, on some CPU) is skipped, and the parent is told which
-    mode is being tried, so that a death names its cause."""
+    mode is being tried, so that a death names its cause; and what it says before a long one-off step
+    (a conversion, a quantisation), so that the parent's start limit does not take it for a hang."""
 
     def allowed(self, key: str) -> bool: ...
 
     def trying(self, key: str) -> None: ...
+
+    def preparing(self, what: str, budget_s: float | None = None) -> None: ...
 
 
 class OpenGate:
@@ -114,6 +117,9 @@ class OpenGate:
         return True
 
     def trying(self, key: str) -> None:
+        pass
+
+    def preparing(self, what: str, budget_s: float | None = None) -> None:
         pass
 
 

@@ -36,6 +36,7 @@ from ...golden import reference_decode
 from ...imaging.preprocess import InputSpec
 from ...quantization import CalibrationError, CalibrationSet, GuardResult, judge, load_samples
 from ...quantization.samples import CALIBRATION_SAMPLES, HELD_OUT_SAMPLES
+from .base import ModeGate
 from .openvino_runtime import OpenVINOBackend, openvino
 from .prepared import QUANTIZED_NOT_CACHED, NotPreparedError, load_heads, locked
 
@@ -49,6 +50,9 @@ NNCF_HINT = ("quantising needs NNCF: pip install 'crossvit-serve[int8]' and run 
              "with the same CROSSVIT_PRECISION=int8, weights, CROSSVIT_CALIBRATION_DIR and CROSSVIT_CACHE_DIR; the "
              "server then serves the cached quantisation without NNCF")
 _BATCH = 8  # held-out samples per inference while judging
+# How long a worker may quantise (or wait for the worker that does) before the parent takes it for a hang:
+# far past the start limit, as a quantisation is a one-off step (18-dagger: 48 s on 2 Zen 4 cores).
+QUANTIZE_BUDGET_S = 1800.0
 
 
 class NotQuantizableError(NotPreparedError):
@@ -105,15 +109,18 @@ class Quantized(NamedTuple):
 
 
 def quantize_openvino(
-    prepared: Path, calibration: CalibrationSet, spec: InputSpec, *, threads: int, cached: bool
+    prepared: Path, calibration: CalibrationSet, spec: InputSpec, *, threads: int, cached: bool,
+    gate: ModeGate | None = None,
 ) -> tuple[Quantized, str]:
     """The INT8 model of `prepared` for `calibration`, and how it came to be: "cache", "quantized" or
     "quantized, not cached" (`cached` False, or a cache folder that cannot be written: a temporary folder,
     which the caller removes once the model is read). Raises NotQuantizableError without NNCF, or for
-    calibration images that cannot serve."""
+    calibration images that cannot serve. `gate` hears of the long step (QUANTIZE_BUDGET_S) before it starts."""
     target = quantized_folder(prepared, calibration)
     if cached and _is_complete(target):
         return Quantized(target, read_quantization(target)), "cache"
+    if gate is not None:
+        gate.preparing("quantising to INT8, or waiting for the worker that is", QUANTIZE_BUDGET_S)
     lock = target.parent / f"{target.name}.lock"
     if cached and _writable(lock):
         with locked(lock):
