@@ -128,6 +128,7 @@ def quantize_openvino(
                 _quantize_into(target, prepared, calibration, spec, threads)
                 return Quantized(target, read_quantization(target)), "quantized"
         return Quantized(target, read_quantization(target)), "cache"
+    _require_nncf()
     scratch = Path(tempfile.mkdtemp(prefix="crossvit-int8-"))
     try:
         _quantize(prepared, calibration, spec, threads, scratch)
