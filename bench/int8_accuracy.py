@@ -30,11 +30,9 @@ from model.variants import get_variant  # noqa: E402
 from service.imaging.preprocess import InputSpec, preprocess  # noqa: E402
 from service.quantization import calibration_set, judge  # noqa: E402
 from service.quantization.samples import SUFFIXES  # noqa: E402
-from service.worker.backends.openvino_quantize import quantized_folder, read_quantization  # noqa: E402
-from service.worker.backends.openvino_runtime import OpenVINOBackend, openvino  # noqa: E402
+from service.worker.backends.openvino_quantize import batched_logits, quantized_folder, read_quantization  # noqa: E402,E501
+from service.worker.backends.openvino_runtime import openvino  # noqa: E402
 from service.worker.backends.prepared import cache_key, load_heads  # noqa: E402
-
-BATCH = 8
 
 
 def main() -> None:
@@ -59,10 +57,8 @@ def main() -> None:
     paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in SUFFIXES)
     x = np.stack([preprocess(p.read_bytes(), spec, max_pixels=40_000_000).pixels for p in paths])
     core, heads = openvino().Core(), load_heads(prepared)
-    logits = {}
-    for mode, folder in (("fp32", prepared), ("int8", int8)):
-        backend = OpenVINOBackend(core, core.read_model(folder / "model.xml"), heads, mode, [2])
-        logits[mode] = np.concatenate([backend(x[i:i + BATCH], 2) for i in range(0, len(x), BATCH)])
+    logits = {mode: batched_logits(core, core.read_model(folder / "model.xml"), heads, mode, x, 2)
+              for mode, folder in (("fp32", prepared), ("int8", int8))}
     fp32, q = logits["fp32"].mean(axis=1), logits["int8"].mean(axis=1)
     verdict = judge(logits["fp32"], logits["int8"])
     top5 = np.argsort(-q, axis=-1)[:, :5]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -52,6 +51,7 @@ from model import create_model  # noqa: E402
 from model.runtime import Mode, prepare  # noqa: E402
 from model.variants import get_variant  # noqa: E402
 from service.imaging.preprocess import InputSpec, preprocess  # noqa: E402
+from service.worker.backends.openvino_quantize import read_quantization  # noqa: E402
 from tests.photos import encode, photo, resized  # noqa: E402
 
 MAX_BATCH = 8  # the service's default max_batch_size
@@ -165,7 +165,7 @@ def model_only_served(variant: str, mode: str, seconds: float = 6.0, model_xml: 
 def int8_folder(weights: Path, label: str = "ours") -> Path | None:
     """The INT8 folder `_ours` had the service quantise into its cache and its guard admitted, if any."""
     folders = sorted(p for p in (weights.parent / f"model-cache-{label}").glob("*.int8-*") if p.is_dir())
-    admitted = [f for f in folders if json.loads((f / "quantization.json").read_text())["guard"]["passed"]]
+    admitted = [f for f in folders if read_quantization(f).guard.passed]
     return admitted[0] if admitted else None
 
 
@@ -255,10 +255,7 @@ def main() -> None:
             for precision in args.precisions:
                 served.append(_ours(precision, weights, args, image))
             if (folder := int8_folder(weights)) is not None:
-                guard = json.loads((folder / "quantization.json").read_text())["guard"]
-                print("int8 guard (held-out samples against fp32): " + ", ".join(
-                    f"{k} {guard[k]}" for k in ("passed", "images", "median_cosine", "worst_cosine", "top1_agreement",
-                                                "confident_images", "confident_agreement")))
+                print(f"int8 guard (held-out samples against fp32): {read_quantization(folder).summary()['guard']}")
             if args.baseline is not None:
                 for precision in ("fp32", "auto"):
                     served.append(_ours(precision, weights, args, image, args.baseline.resolve(), "baseline"))

@@ -116,11 +116,9 @@ def _build_openvino(spec: ReplicaSpec, gate: ModeGate | None) -> tuple[Built, di
     prepare_s = time.perf_counter() - started
     int8: Quantized | None = None
     int8_source: str | None = None
-    int8_temporary = False
     try:
         if spec.precision == "int8":
             int8, int8_source = _quantized(spec, folder, gate, cached=source != NOT_CACHED)
-            int8_temporary = int8_source == QUANTIZED_NOT_CACHED
         if gate is not None and (source != "prepared earlier" or int8_source not in (None, "cache")):
             gate.preparing("compiling and checking its mode")  # the one-off step is over: the usual limit again
         built, info = build_openvino(folder, precision=spec.precision, threads=spec.thread_options, gate=gate,
@@ -128,7 +126,7 @@ def _build_openvino(spec: ReplicaSpec, gate: ModeGate | None) -> tuple[Built, di
     finally:  # a temporary folder is read and compiled by now (an unlinked mapping stays valid)
         if source == NOT_CACHED:
             shutil.rmtree(folder, ignore_errors=True)
-        if int8 is not None and int8_temporary:
+        if int8 is not None and int8_source == QUANTIZED_NOT_CACHED:
             shutil.rmtree(int8.folder, ignore_errors=True)
     extra = {} if int8_source is None else {"int8_source": int8_source}
     return built, {"model_source": source, "prepare_s": round(prepare_s, 3), **extra, **info}

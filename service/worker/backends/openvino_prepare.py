@@ -8,10 +8,8 @@ repeating it; the result appears by an atomic rename.
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +24,16 @@ from torch.jit import TracerWarning  # type: ignore[attr-defined]
 from model import CrossViT
 
 from .openvino_runtime import openvino
-from .prepared import NOT_CACHED, PreparedMeta, cache_key, is_complete, locked, openvino_version, write_arrays
+from .prepared import (
+    NOT_CACHED,
+    PreparedMeta,
+    cache_key,
+    is_complete,
+    openvino_version,
+    publish,
+    temporary,
+    write_arrays,
+)
 from .pytorch_runtime import reference_golden, reference_probe
 
 __all__ = ["convert", "head_arrays", "prepare_openvino"]
@@ -84,7 +91,7 @@ def head_arrays(model: CrossViT) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(h.weight.detach().float().numpy(), h.bias.detach().float().numpy()) for h in linear]
 
 
-def _write(model: CrossViT, folder: Path, labels: Sequence[str], meta: PreparedMeta) -> None:
+def _write(model: CrossViT, folder: Path, *, labels: Sequence[str], meta: PreparedMeta) -> None:
     # compress_to_fp16=False: the default would halve the weights' precision on disk.
     openvino().save_model(convert(model), folder / "model.xml", compress_to_fp16=False)
     golden = reference_golden(model, meta.variant, labels, recorded="preparation (PyTorch fp32)")
@@ -100,31 +107,15 @@ def prepare_openvino(
     one, which the caller removes once the model is read: a worker killed later must not leave it behind)."""
     meta = PreparedMeta(variant=variant, sha256=sha256, source=source, pretrained=pretrained,
                         parameters=sum(p.numel() for p in model.parameters()), openvino=openvino_version())
+    write = functools.partial(_write, model, labels=labels, meta=meta)
     if cache_dir is not None:
-        key = cache_key(variant, sha256)
-        target = cache_dir / key
+        target = cache_dir / cache_key(variant, sha256)
         try:
             if is_complete(target):
                 return target, "cache"
             cache_dir.mkdir(parents=True, exist_ok=True)
-            with locked(cache_dir / f"{key}.lock"):
-                if is_complete(target):  # another worker prepared it while we waited
-                    return target, "cache"
-                scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
-                try:
-                    _write(model, scratch, labels, meta)
-                    scratch.chmod(0o755)  # mkdtemp's 0700 would hide a folder prepared by root from the server's user
-                    os.replace(scratch, target)  # atomic: a reader sees the whole folder or none
-                finally:
-                    shutil.rmtree(scratch, ignore_errors=True)
-                return target, "prepared"
+            return target, "prepared" if publish(target, is_complete, write) else "cache"
         except OSError as exc:  # a read-only or full cache folder must not stop the worker
             logger.warning("cannot use the model cache; preparing without it",
                            extra={"cache_dir": str(cache_dir), "error": str(exc)})
-    scratch = Path(tempfile.mkdtemp(prefix="crossvit-prepared-"))
-    try:
-        _write(model, scratch, labels, meta)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    return scratch, NOT_CACHED
+    return temporary("crossvit-prepared-", write), NOT_CACHED

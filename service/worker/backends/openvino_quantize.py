@@ -16,14 +16,12 @@ again. Like the prepared folder, it appears whole by an atomic rename, under a f
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import io
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,10 +36,10 @@ from ...quantization import CalibrationError, CalibrationSet, GuardResult, judge
 from ...quantization.samples import CALIBRATION_SAMPLES, HELD_OUT_SAMPLES
 from .base import ModeGate
 from .openvino_runtime import OpenVINOBackend, openvino
-from .prepared import QUANTIZED_NOT_CACHED, NotPreparedError, load_heads, locked
+from .prepared import QUANTIZED_NOT_CACHED, NotPreparedError, load_heads, publish, temporary
 
-__all__ = ["NNCF_HINT", "NotQuantizableError", "Quantization", "Quantized", "nncf_available", "quantize_openvino",
-           "quantized_folder", "read_quantization"]
+__all__ = ["NNCF_HINT", "NotQuantizableError", "Quantization", "Quantized", "batched_logits", "nncf_available",
+           "quantize_openvino", "quantized_folder", "read_quantization"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,20 +119,11 @@ def quantize_openvino(
         return Quantized(target, read_quantization(target)), "cache"
     if gate is not None:
         gate.preparing("quantising to INT8, or waiting for the worker that is", QUANTIZE_BUDGET_S)
-    lock = target.parent / f"{target.name}.lock"
-    if cached and _writable(lock):
-        with locked(lock):
-            if not _is_complete(target):  # else another worker quantised it while we waited
-                _quantize_into(target, prepared, calibration, spec, threads)
-                return Quantized(target, read_quantization(target)), "quantized"
-        return Quantized(target, read_quantization(target)), "cache"
-    _require_nncf()
-    scratch = Path(tempfile.mkdtemp(prefix="crossvit-int8-"))
-    try:
-        _quantize(prepared, calibration, spec, threads, scratch)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+    write = functools.partial(_quantize, prepared, calibration, spec, threads)
+    if cached and _writable(target.parent / f"{target.name}.lock"):
+        made = publish(target, _is_complete, write)  # else another worker quantised it while we waited
+        return Quantized(target, read_quantization(target)), "quantized" if made else "cache"
+    scratch = temporary("crossvit-int8-", write)
     return Quantized(scratch, read_quantization(scratch)), QUANTIZED_NOT_CACHED
 
 
@@ -148,27 +137,13 @@ def _writable(lock: Path) -> bool:
     return True
 
 
-def _quantize_into(target: Path, prepared: Path, calibration: CalibrationSet, spec: InputSpec, threads: int) -> None:
-    """Quantise into a scratch folder beside `target`, then rename it into place; under the lock, so whatever a
-    killed quantisation left (its scratch folder, a partial target) is nobody's and goes first."""
-    _require_nncf()
-    for stale in [*target.parent.glob(f".{target.name}-*"), target]:
-        shutil.rmtree(stale, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        _quantize(prepared, calibration, spec, threads, scratch)
-        scratch.chmod(0o755)  # mkdtemp's 0700 would hide a folder quantised by root from the server's user
-        os.replace(scratch, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 def _require_nncf() -> None:
     if not nncf_available():
         raise NotQuantizableError(NNCF_HINT)
 
 
 def _quantize(prepared: Path, calibration: CalibrationSet, spec: InputSpec, threads: int, out: Path) -> None:
+    _require_nncf()
     import nncf
 
     started = time.perf_counter()
@@ -187,8 +162,8 @@ def _quantize(prepared: Path, calibration: CalibrationSet, spec: InputSpec, thre
         quantized = nncf.quantize(model, nncf.Dataset(list(calibrate), lambda x: x[None]),
                                   model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibrate))
     heads = load_heads(prepared)
-    guard = judge(_logits(core, model, heads, "fp32", held_out, threads),
-                  _logits(core, quantized, heads, "int8", held_out, threads))
+    guard = judge(batched_logits(core, model, heads, "fp32", held_out, threads),
+                  batched_logits(core, quantized, heads, "int8", held_out, threads))
     ov.save_model(quantized, out / "model.xml", compress_to_fp16=False)
     record = {
         "calibration": {**calibration.summary(), "calibration_samples": len(calibrate),
@@ -203,8 +178,9 @@ def _quantize(prepared: Path, calibration: CalibrationSet, spec: InputSpec, thre
         extra=read_quantization(out).summary()["guard"])
 
 
-def _logits(core: Any, model: Any, heads: list[tuple[np.ndarray, np.ndarray]], mode: str, x: np.ndarray,
-            threads: int) -> np.ndarray:
+def batched_logits(core: Any, model: Any, heads: list[tuple[np.ndarray, np.ndarray]], mode: str, x: np.ndarray,
+                   threads: int) -> np.ndarray:
+    """(n, 2, C) logits of `model` (an OpenVINO graph, compiled here in `mode`) for `x`, _BATCH at a time."""
     backend = OpenVINOBackend(core, model, heads, mode, [threads])
     return np.concatenate([backend(x[i:i + _BATCH], threads) for i in range(0, len(x), _BATCH)])
 

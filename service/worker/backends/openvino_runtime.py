@@ -147,7 +147,7 @@ def build_openvino(
     model = core.read_model((folder if int8 is None else int8.folder) / "model.xml")
     read_s = time.perf_counter() - started
     heads = load_heads(folder)
-    probe = load_probe(folder)
+    probe = load_probe(folder) if int8 is None else None  # INT8 is admitted by its own guard, on images
     blob_lock = None
     if compiled_cache is not None:
         try:  # compiled-blob cache: an optimisation only (a read-only cache folder goes without)
@@ -161,11 +161,12 @@ def build_openvino(
     for mode in allowed:
         gate.trying(mode_key("openvino", mode))  # from compiling to the end of warm-up: a death names this mode
         backend = OpenVINOBackend(core, model, heads, mode, [max(threads)], blob_lock)
-        if int8 is None:
+        if probe is not None:
             agreement = probe.compare(backend(probe.x, max(threads)))
-        else:  # admitted by its own guard, on images: the probe's noise lies outside any calibration's ranges
+        else:  # INT8: the probe's noise lies outside any calibration's ranges; its guard's figures stand
+            assert int8 is not None
             agreement = Agreement(int8.quantization.guard.worst_cosine, int8.quantization.guard.max_rel_err)
-        if int8 is not None or agreement.is_exact() or (mode != "fp32" and agreement.passes_guard()):
+        if probe is None or agreement.is_exact() or (mode != "fp32" and agreement.passes_guard()):
             backend.compile(threads)
             backend.agreement = agreement
             info = {"read_s": round(read_s, 3), "openvino": ov.get_version(),

@@ -23,8 +23,11 @@ import fcntl
 import importlib.metadata
 import json
 import logging
+import os
 import re
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,7 +50,9 @@ __all__ = [
     "locked",
     "load_probe",
     "openvino_version",
+    "publish",
     "read_meta",
+    "temporary",
     "write_arrays",
 ]
 
@@ -97,6 +102,37 @@ def locked(path: Path) -> Iterator[None]:
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         yield
+
+
+def publish(target: Path, complete: Callable[[Path], bool], write: Callable[[Path], None]) -> bool:
+    """Make the folder `target` with `write`, once between processes: under its lock, unless `complete(target)`
+    already (another process made it while this one waited: False). What a killed writer left (its scratch
+    folder, a partial target) is nobody's under the lock and goes first; the folder appears by an atomic
+    rename, so a reader sees all of it or nothing."""
+    with locked(target.parent / f"{target.name}.lock"):
+        if complete(target):
+            return False
+        for stale in [*target.parent.glob(f".{target.name}-*"), target]:
+            shutil.rmtree(stale, ignore_errors=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            write(scratch)
+            scratch.chmod(0o755)  # mkdtemp's 0700 would hide a folder written by root from the server's user
+            os.replace(scratch, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return True
+
+
+def temporary(prefix: str, write: Callable[[Path], None]) -> Path:
+    """A temporary folder made with `write`, where no cache can be used: its reader removes it."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        write(scratch)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return scratch
 
 
 def is_complete(folder: Path) -> bool:
